@@ -1,0 +1,5 @@
+"""`python -m scratchllm` (and `torchrun -m scratchllm`) runs the CLI."""
+
+from scratchllm.cli import entry
+
+entry()

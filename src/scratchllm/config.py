@@ -1,0 +1,280 @@
+"""Model configuration: one typed dataclass, JSON round trip, and named presets.
+
+The GPT-2 presets carry the book's numbers (chapter 4). The same dataclass also describes the
+Llama/Qwen-style variants (RMSNorm, RoPE, SwiGLU, grouped-query attention, QK-norm), so every
+architecture runs through the one `GPTModel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from scratchllm.errors import InputError
+
+Norm = Literal["layernorm", "rmsnorm"]
+PosEmbedding = Literal["learned", "rope"]
+FFN = Literal["gelu", "swiglu"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a GPT-style decoder."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    # Everything below keeps GPT-2 behaviour at its default; the modern architectures change it.
+    n_kv_heads: int | None = None  # grouped-query attention when < n_heads
+    head_dim: int | None = None  # defaults to emb_dim // n_heads
+    hidden_dim: int | None = None  # feed-forward width; defaults to 4 * emb_dim
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    pos_embedding: PosEmbedding = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # Llama 3 style: factor, low/high_freq_factor, ...
+    ffn: FFN = "gelu"
+    bias: bool = True  # bias on the output projection and the feed-forward linears
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3)
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived sizes -------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.emb_dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.hidden_dim or 4 * self.emb_dim
+
+    def validate(self) -> None:
+        """Raise `InputError` naming the field when the numbers cannot make a model."""
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InputError(
+                    f"model config: '{name}' must be a positive integer, got {value!r}"
+                )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise InputError(f"model config: 'drop_rate' must be in [0, 1), got {self.drop_rate}")
+        if self.head_dim is None and self.emb_dim % self.n_heads:
+            raise InputError(
+                f"model config: emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}"
+            )
+        if self.n_heads % self.kv_heads:
+            raise InputError(
+                f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}"
+            )
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise InputError(
+                f"model config: 'norm' must be layernorm or rmsnorm, got {self.norm!r}"
+            )
+        if self.pos_embedding not in ("learned", "rope"):
+            raise InputError(
+                f"model config: 'pos_embedding' must be learned or rope, got {self.pos_embedding!r}"
+            )
+        if self.ffn not in ("gelu", "swiglu"):
+            raise InputError(f"model config: 'ffn' must be gelu or swiglu, got {self.ffn!r}")
+        if self.pos_embedding == "rope" and self.head_size % 2:
+            raise InputError(f"model config: RoPE needs an even head size, got {self.head_size}")
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
+        if not isinstance(data, dict):
+            raise InputError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown model config field(s) {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a wrong type that the dataclass itself rejects
+            raise InputError(f"{source}: {exc}") from None
+
+    def to_json(self, path: str | Path) -> None:
+        from scratchllm.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{path}: model config file not found") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (see `PRESETS`), with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise InputError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        data = dict(PRESETS[name])
+        data.update(overrides)
+        data["name"] = name
+        return cls.from_dict(data, source=f"preset {name}")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- counts --------------------------------------------------------------------------------
+    def flops_per_token(self, training: bool = True) -> float:
+        """Matmul FLOPs per token at full context (PaLM appendix B): 6N + 12·L·H·Q·T for training.
+
+        N counts the non-embedding weights plus the output head (the head is a real matmul).
+        Inference (forward only) is a third of that.
+        """
+        n = self.matmul_parameters()
+        attn = 12 * self.n_layers * self.n_heads * self.head_size * self.context_length
+        total = 6 * n + attn
+        return float(total if training else total / 3)
+
+    def matmul_parameters(self) -> int:
+        """Weights that take part in a matmul per token: attention, feed-forward, output head."""
+        d, hd = self.emb_dim, self.head_size
+        q = d * self.n_heads * hd
+        kv = 2 * d * self.kv_heads * hd
+        out = self.n_heads * hd * d
+        ffn = (3 if self.ffn == "swiglu" else 2) * d * self.ffn_dim
+        return self.n_layers * (q + kv + out + ffn) + d * self.vocab_size
+
+
+# The book's GPT-2 sizes (chapter 4, exercise 4.2) and small configs for tests and the quickstart.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-small": dict(emb_dim=768, n_heads=12, n_layers=12),
+    "gpt2-medium": dict(emb_dim=1024, n_heads=16, n_layers=24),
+    "gpt2-large": dict(emb_dim=1280, n_heads=20, n_layers=36),
+    "gpt2-xl": dict(emb_dim=1600, n_heads=25, n_layers=48),
+    # ~1M non-embedding parameters: unit tests and the quickstart on a laptop CPU.
+    "gpt-nano": dict(context_length=256, emb_dim=128, n_heads=4, n_layers=5, drop_rate=0.0),
+    # ~10M non-embedding parameters (nanoGPT's Shakespeare size).
+    "gpt-micro": dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.1),
+    # Llama 3.2 and Qwen3 shapes (weights come from `scratchllm convert`).
+    "llama3.2-1b": dict(
+        vocab_size=128256,
+        context_length=131072,
+        emb_dim=2048,
+        n_heads=32,
+        n_kv_heads=8,
+        n_layers=16,
+        hidden_dim=8192,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        pos_embedding="rope",
+        rope_theta=500000.0,
+        ffn="swiglu",
+        bias=False,
+        tie_embeddings=True,
+        drop_rate=0.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+    "llama3.2-3b": dict(
+        vocab_size=128256,
+        context_length=131072,
+        emb_dim=3072,
+        n_heads=24,
+        n_kv_heads=8,
+        n_layers=28,
+        hidden_dim=8192,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        pos_embedding="rope",
+        rope_theta=500000.0,
+        ffn="swiglu",
+        bias=False,
+        tie_embeddings=True,
+        drop_rate=0.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+    "qwen3-0.6b": dict(
+        vocab_size=151936,
+        context_length=40960,
+        emb_dim=1024,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=128,
+        n_layers=28,
+        hidden_dim=3072,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        pos_embedding="rope",
+        rope_theta=1000000.0,
+        ffn="swiglu",
+        bias=False,
+        qk_norm=True,
+        tie_embeddings=True,
+        drop_rate=0.0,
+    ),
+    "qwen3-1.7b": dict(
+        vocab_size=151936,
+        context_length=40960,
+        emb_dim=2048,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=128,
+        n_layers=28,
+        hidden_dim=6144,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        pos_embedding="rope",
+        rope_theta=1000000.0,
+        ffn="swiglu",
+        bias=False,
+        qk_norm=True,
+        tie_embeddings=True,
+        drop_rate=0.0,
+    ),
+}
+
+
+def resolve_model_config(spec: str) -> ModelConfig:
+    """A preset name or a path to a config JSON file."""
+    if spec in PRESETS:
+        return ModelConfig.from_preset(spec)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" or path.exists():
+        return ModelConfig.from_json(path)
+    raise InputError(
+        f"--model {spec!r}: not a preset ({', '.join(PRESETS)}) and not a config JSON file"
+    )
+
+
+def ceil_to(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)

@@ -1,0 +1,134 @@
+"""Causal multi-head attention (ch. 3) with grouped-query heads, QK-norm, RoPE and a KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchllm.config import ModelConfig
+from scratchllm.model.layers import RMSNorm, apply_rope
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated once for `max_len` positions.
+
+    Decoding appends one position per step instead of recomputing the prefix.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, config.kv_heads, max_len, config.head_size)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [
+            torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)
+        ]
+        self.max_len = max_len
+        self.length = 0  # positions already stored
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean (q_len, k_len) mask, True where attention is allowed; queries are the last q_len."""
+    offset = k_len - q_len
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention over `n_heads` heads, sharing key/value heads in groups (GQA).
+
+    `impl = "sdpa"` uses PyTorch's fused scaled-dot-product attention (flash / memory-efficient
+    kernels where available); `impl = "explicit"` is the book's masked-softmax formula, kept as the
+    reference the tests compare against.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.kv_heads, self.head_dim = (
+            config.n_heads,
+            config.kv_heads,
+            config.head_size,
+        )
+        self.q_dim = self.n_heads * self.head_dim
+        self.kv_dim = self.kv_heads * self.head_dim
+        # One fused projection for queries, keys and values: one matmul instead of three.
+        self.qkv = nn.Linear(config.emb_dim, self.q_dim + 2 * self.kv_dim, bias=config.qkv_bias)
+        self.out_proj = nn.Linear(self.q_dim, config.emb_dim, bias=config.bias)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.dropout = config.drop_rate
+        self.impl = "sdpa"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, emb_dim). attn_mask: optional bool (B, 1, T, T_total), True = attend."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if self.impl == "explicit":
+            out = self._explicit(q, k, v, attn_mask, dropout)
+        else:
+            out = self._sdpa(q, k, v, attn_mask, dropout)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, self.q_dim))
+
+    def _sdpa(self, q, k, v, attn_mask, dropout) -> torch.Tensor:
+        q_len, k_len = q.shape[2], k.shape[2]
+        gqa = self.kv_heads != self.n_heads
+        if attn_mask is None and q_len == k_len:
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa
+            )
+        if attn_mask is None and q_len > 1:
+            attn_mask = causal_mask(q_len, k_len, q.device)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=gqa
+        )
+
+    def _explicit(self, q, k, v, attn_mask, dropout) -> torch.Tensor:
+        if self.kv_heads != self.n_heads:
+            repeat = self.n_heads // self.kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        mask = attn_mask if attn_mask is not None else causal_mask(q.shape[2], k.shape[2], q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        weights = F.dropout(weights, p=dropout, training=dropout > 0)
+        return weights @ v

@@ -1,0 +1,151 @@
+"""The GPT model (ch. 4): embeddings, a stack of transformer blocks, a final norm and the head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scratchllm.config import ModelConfig
+from scratchllm.errors import InputError
+from scratchllm.model.attention import KVCache, MultiHeadAttention
+from scratchllm.model.layers import FeedForward, RotaryEmbedding, make_norm
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.att = MultiHeadAttention(config, layer_idx)
+        self.norm2 = make_norm(config)
+        self.ff = FeedForward(config)
+        self.drop_shortcut = nn.Dropout(config.drop_rate)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), rope, cache, attn_mask))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """A decoder-only transformer. GPT-2 by default; Llama/Qwen-style when the config says so."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
+        learned = config.pos_embedding == "learned"
+        self.pos_emb = nn.Embedding(config.context_length, config.emb_dim) if learned else None
+        self.rope = RotaryEmbedding(config) if not learned else None
+        self.drop_emb = nn.Dropout(config.drop_rate)
+        self.trf_blocks = nn.ModuleList(
+            [TransformerBlock(config, i) for i in range(config.n_layers)]
+        )
+        self.final_norm = make_norm(config)
+        self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    # -- initialisation ------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·layers)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("out_proj", "ff.fc2", "ff.fc3")) else 0.02
+                if name.endswith("ff.fc2") and self.config.ffn == "swiglu":
+                    std = 0.02  # in SwiGLU fc2 is the up projection, fc3 the residual one
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_attention_impl(self, impl: str) -> None:
+        """'sdpa' (fused kernels) or 'explicit' (the book's masked softmax, for reference)."""
+        if impl not in ("sdpa", "explicit"):
+            raise ValueError(f"attention impl must be 'sdpa' or 'explicit', got {impl!r}")
+        for block in self.trf_blocks:
+            block.att.impl = impl
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Token ids (B, T) → logits (B, T, vocab); `return_hidden` gives the final-norm states.
+
+        With a cache, the new tokens follow the `cache.length` positions already stored.
+        `positions` (T,) or (B, T) and `attn_mask` (B, 1, T, T_total) serve padded batches.
+        """
+        if idx.dim() != 2:
+            raise InputError(
+                f"token ids: expected a (batch, time) tensor, got shape {tuple(idx.shape)}"
+            )
+        b, t = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + t, device=idx.device)
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            if start + t > self.config.context_length:
+                raise InputError(
+                    f"token ids: sequence of {start + t} tokens exceeds the model's context "
+                    f"length {self.config.context_length}"
+                )
+            x = x + self.pos_emb(positions)
+        else:
+            cos, sin = self.rope.tables(int(positions.max()) + 1, idx.device)
+            cos, sin = cos[positions], sin[positions]
+            if positions.dim() == 2:  # per-sequence positions: broadcast over heads
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            rope = (cos, sin)
+        x = self.drop_emb(x)
+        for block in self.trf_blocks:
+            x = block(x, rope, cache, attn_mask)
+        if cache is not None:
+            cache.advance(t)
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        return self.out_head(x)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (a tied head counts once).
+
+        `non_embedding` leaves out the token and position embeddings and the output head, the
+        count that scaling laws and the preset sizes refer to.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                total -= self.pos_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.out_head.weight.numel()
+        return total
+
+    def flops_per_token(self, training: bool = True) -> float:
+        return self.config.flops_per_token(training)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(
+            self.config, batch_size, max_len or self.config.context_length, p.device, p.dtype
+        )

@@ -1,0 +1,132 @@
+"""Building blocks: normalisations, GELU, the feed-forward network and rotary embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchllm.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation with a learned scale and shift (the book's `LayerNorm`, ch. 4).
+
+    Computed by `F.layer_norm`, which matches the book's biased-variance formula exactly.
+    """
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Llama, Qwen): no mean subtraction, no shift.
+
+    Computed in float32 and cast back, as the reference implementations do.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.emb_dim
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    return LayerNorm(dim, config.norm_eps)
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation used by GPT-2 (the book's formula, fused by PyTorch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: GELU at 4x width (GPT-2) or SwiGLU (Llama, Qwen).
+
+    GELU: fc2(gelu(fc1(x))).  SwiGLU: fc3(silu(fc1(x)) * fc2(x)), the book's Llama naming.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, h, bias = config.emb_dim, config.ffn_dim, config.bias
+        self.swiglu = config.ffn == "swiglu"
+        self.fc1 = nn.Linear(d, h, bias=bias)
+        if self.swiglu:
+            self.fc2 = nn.Linear(d, h, bias=bias)
+            self.fc3 = nn.Linear(h, d, bias=bias)
+        else:
+            self.activation = GELU()
+            self.fc2 = nn.Linear(h, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for rotary embeddings, with Llama 3's frequency scaling if configured."""
+    dim = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    elif scaling:
+        raise ValueError(f"unsupported rope_scaling {scaling!r}")
+    return inv_freq.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for rotary position embeddings, grown on demand (half-split layout)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
+            size = max(length, 256)
+            t = torch.arange(size, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._cos, self._sin = emb.cos(), emb.sin()
+        return self._cos, self._sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (B, H, T, D) by position; `cos`/`sin` are (T, D) or (B, 1, T, D)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

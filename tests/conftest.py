@@ -1,0 +1,32 @@
+"""Shared fixtures. Real data comes from SCRATCHLLM_TEST_DATA (default ../shared/data)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("SCRATCHLLM_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _data_dir()
+    if not (path / "README.md").exists():
+        pytest.fail(f"test data not found at {path}; set SCRATCHLLM_TEST_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(data_dir):
+    from scratchllm.tokenizer import load_tokenizer
+
+    return load_tokenizer(f"gpt2:{data_dir / 'gpt2'}")
