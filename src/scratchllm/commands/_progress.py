@@ -1,0 +1,56 @@
+"""Progress display for training: a tqdm bar with loss, tokens/s and ETA, plus eval lines."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from scratchllm.train.trainer import Trainer, TrainerCallback, TrainResult
+
+
+class ProgressCallback(TrainerCallback):
+    def __init__(self, show_samples: bool = True) -> None:
+        self.bar: tqdm | None = None
+        self.show_samples = show_samples
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.bar = tqdm(
+            total=trainer.total_steps,
+            initial=trainer.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(record["step"] - self.bar.n)
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.3f}",
+            tok_s=f"{record['tokens_per_s']:.0f}",
+            lr=f"{record['lr']:.2e}",
+            refresh=False,
+        )
+
+    def on_eval(self, trainer: Trainer, record: dict[str, Any], sample: str | None) -> None:
+        parts = [f"step {record['step']:>6}"]
+        for key in ("train_loss", "val_loss", "val_ppl", "train_accuracy", "val_accuracy"):
+            if key in record:
+                parts.append(f"{key} {record[key]:.4f}")
+        write = self.bar.write if self.bar is not None else print
+        write("  ".join(parts))
+        if sample and self.show_samples:
+            write("  sample: " + sample.replace("\n", " ")[:300])
+
+    def on_save(self, trainer: Trainer, path: Path) -> None:
+        pass
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        if self.bar is not None:
+            self.bar.update(trainer.step - self.bar.n)
+            self.bar.close()

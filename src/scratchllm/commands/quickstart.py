@@ -1,0 +1,75 @@
+"""`scratchllm quickstart`: train a small GPT on the built-in corpus and show what it writes."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+HELP = "train a small GPT on the built-in corpus (a few minutes on a CPU) and print samples"
+
+PROMPTS = ["The object", "In a function definition,", "Exceptions are"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", default="runs/quickstart", help="run directory (default runs/quickstart)"
+    )
+    p.add_argument("--max-steps", type=int, default=600, help="training steps (default 600)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--seed", type=int, default=123)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from scratchllm.commands.pretrain import PretrainOptions, pretrain
+    from scratchllm.generate import generate_text
+    from scratchllm.train.checkpoint import load_checkpoint
+
+    out = Path(args.out)
+    if (out / "checkpoint").exists():
+        shutil.rmtree(out / "checkpoint")  # a quickstart always starts fresh
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print("scratchllm quickstart: a GPT trained on Python's own language reference")
+    print("  corpus builtin:python-docs (pydoc_data.topics, ~0.47 MB, ships with Python)")
+    tokenizer_spec = "bytes"
+    opts = PretrainOptions(
+        data=["builtin:python-docs"],
+        model="gpt-nano",
+        tokenizer=tokenizer_spec,
+        out=str(out),
+        max_steps=args.max_steps,
+        batch_size=16,
+        context_length=128,
+        lr=3e-3,
+        warmup_steps=30,
+        eval_every=100,
+        eval_batches=10,
+        sample_prompt=PROMPTS[0],
+        sample_tokens=40,
+        seed=args.seed,
+        device=args.device,
+        sampling="random",
+    )
+    start = time.perf_counter()
+    result = pretrain(opts)
+    first, last = result["first_eval"]["val_loss"], result["last_eval"]["val_loss"]
+    print(
+        f"\ntrained {result['parameters']:,} parameters for {result['steps']} steps "
+        f"({result['tokens']:,} tokens) in {time.perf_counter() - start:.0f}s"
+    )
+    print(f"validation loss: {first:.3f} at the start -> {last:.3f} at the end")
+    ckpt = load_checkpoint(out)
+    print("\nsamples (temperature 0.8, top-k 40):")
+    for i, prompt in enumerate(PROMPTS):
+        text = generate_text(
+            ckpt.model, ckpt.tokenizer, prompt, 80, temperature=0.8, top_k=40, seed=args.seed + i
+        )
+        print(f"--- {prompt}{text}")
+    print(f"\ncheckpoint: {out / 'checkpoint'}  loss curve: {out / 'loss.png'}")
+    print(f'next: scratchllm generate --checkpoint {out} --prompt "The object" --temperature 0.8')
+    return 0

@@ -1,0 +1,147 @@
+"""Text generation (ch. 4–5): greedy, temperature, top-k and top-p sampling with a KV cache.
+
+While generating, the context slides to the model's length as in the book; a prompt that alone
+exceeds the context length is an error. Sampling is reproducible through a `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scratchllm.errors import InputError
+from scratchllm.model.gpt import GPTModel
+from scratchllm.tokenizer import Tokenizer
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass `top_p`.
+
+    The nucleus is the smallest set of most likely tokens whose probabilities sum to ≥ top_p.
+    """
+    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        # Mass strictly before each token: a token is kept while that mass is still below top_p.
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). Temperature 0 means greedy."""
+    if temperature < 0:
+        raise InputError(f"temperature must be ≥ 0, got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise InputError(f"top_k must be ≥ 0, got {top_k}")
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: GPTModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context_size: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Append up to `max_new_tokens` ids to `idx` (B, T) and return the (B, T + n) tensor.
+
+    A sequence that emits `eos_id` is finished: its later positions are padded with `eos_id`,
+    and generation stops when every sequence is finished. With `use_cache`, each step feeds one
+    token through the KV cache; once the window is full it slides, recomputing over the last
+    `context_size` tokens exactly as the book's loop does.
+    """
+    ctx = context_size or model.config.context_length
+    if idx.dim() != 2:
+        raise InputError(f"prompt ids: expected shape (batch, time), got {tuple(idx.shape)}")
+    if idx.shape[1] == 0:
+        raise InputError("prompt is empty: give at least one token")
+    if idx.shape[1] > ctx:
+        raise InputError(
+            f"prompt of {idx.shape[1]} tokens exceeds the model's context length of {ctx}"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        idx = idx.to(next(model.parameters()).device)
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        cache = model.new_cache(idx.shape[0], ctx) if use_cache else None
+        logits = model(idx, cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+                finished |= nxt == eos_id
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            if cache is not None and cache.length < ctx:
+                logits = model(nxt[:, None], cache=cache)[:, -1]
+            else:
+                cache = None  # the window is full: slide it as the book does
+                logits = model(idx[:, -ctx:])[:, -1]
+        return idx
+    finally:
+        model.train(was_training)
+
+
+def generate_text(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+) -> str:
+    """Continue `prompt` and return only the new text (up to, not including, end-of-text)."""
+    ids = tokenizer.encode(prompt, allow_special=True)
+    if not ids:
+        raise InputError("prompt is empty: give some text to continue")
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    eos = tokenizer.special_tokens.get(tokenizer.eot_token) if stop_at_eos else None
+    out = generate(
+        model,
+        torch.tensor([ids], dtype=torch.long, device=device),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos,
+        generator=generator,
+    )
+    new = out[0, len(ids) :].tolist()
+    if eos is not None and eos in new:
+        new = new[: new.index(eos)]
+    return tokenizer.decode(new)

@@ -1,0 +1,1 @@
+"""Training: the one loop, its schedule, metrics and the checkpoint format."""

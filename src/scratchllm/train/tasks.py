@@ -1,0 +1,113 @@
+"""Language modelling (pretraining) as a trainer task: next-token cross-entropy on windows."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scratchllm.data.loader import BatchLoader, SlidingWindowDataset
+from scratchllm.errors import InputError
+from scratchllm.generate import generate_text
+from scratchllm.model.gpt import GPTModel
+from scratchllm.tokenizer import Tokenizer
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+class LMTask:
+    """Next-token prediction over a training and a validation token array."""
+
+    def __init__(
+        self,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray | None,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        context_length: int,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        mode: str = "sliding",
+        stride: int | None = None,
+        sample_prompt: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.device = torch.device(device)
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.loader = BatchLoader(
+            train_tokens,
+            batch_size,
+            context_length,
+            mode=mode,
+            stride=stride,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        self.train_eval = SlidingWindowDataset(train_tokens, context_length, context_length)
+        self.val_eval = None
+        if val_tokens is not None and len(val_tokens) > 0:
+            if len(val_tokens) < context_length + 1:
+                raise InputError(
+                    f"validation split has {len(val_tokens)} tokens, fewer than one context window "
+                    f"of {context_length + 1}; lower --context-length or raise --val-fraction"
+                )
+            self.val_eval = SlidingWindowDataset(val_tokens, context_length, context_length)
+        if sample_prompt is None:
+            source = val_tokens if val_tokens is not None and len(val_tokens) else train_tokens
+            sample_prompt = tokenizer.decode(source[:8].tolist()).strip() or "The"
+        self.sample_prompt = sample_prompt
+
+    def steps_per_epoch(self) -> int:
+        return self.loader.batches_per_epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.loader.next_batch()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def loss(
+        self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        return lm_loss(model, *batch)
+
+    def tokens_in(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].numel()
+
+    def _dataset_loss(self, model: torch.nn.Module, dataset, max_batches: int) -> float:
+        total, count = 0.0, 0
+        n = min(len(dataset), max_batches * self.batch_size)
+        for start in range(0, n, self.batch_size):
+            items = [dataset[i] for i in range(start, min(n, start + self.batch_size))]
+            x = torch.stack([a for a, _ in items]).to(self.device)
+            y = torch.stack([b for _, b in items]).to(self.device)
+            total += float(lm_loss(model, x, y)) * len(items)
+            count += len(items)
+        return total / max(count, 1)
+
+    def evaluate(self, model: torch.nn.Module, max_batches: int) -> dict[str, float]:
+        """Mean loss over the first `max_batches` batches of each split (in order, as the book)."""
+        out = {"train_loss": self._dataset_loss(model, self.train_eval, max_batches)}
+        if self.val_eval is not None:
+            val = self._dataset_loss(model, self.val_eval, max_batches)
+            out["val_loss"] = val
+            out["val_ppl"] = math.exp(min(val, 50.0))
+        return out
+
+    def sample(self, model: GPTModel, max_new_tokens: int) -> str:
+        text = generate_text(model, self.tokenizer, self.sample_prompt, max_new_tokens)
+        return self.sample_prompt + text
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
