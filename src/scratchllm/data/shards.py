@@ -1,0 +1,476 @@
+"""Token files: a corpus tokenized once, stored as a flat array the trainer memory-maps.
+
+Layout (little-endian, in the spirit of llm.c's .bin shards):
+
+    offset  size  field
+         0     8  magic b"SLLMTOKS"
+         8     4  format version (uint32, = 1)
+        12     4  dtype code (uint32): 2 → uint16, 4 → uint32 (bytes per token)
+        16     8  token count (uint64)
+        24    16  tokenizer fingerprint (ASCII, NUL-padded; `Tokenizer.fingerprint()`)
+        40     8  vocab size (uint64)
+        48   208  zero padding up to HEADER_BYTES
+       256     …  the tokens
+
+Files are written to a temporary sibling and renamed into place, so a reader never sees a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import re
+import struct
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from scratchllm import tokenizer as tokenizer_module
+from scratchllm.data import corpus
+from scratchllm.errors import InputError
+from scratchllm.tokenizer import GPT2_PATTERN, BPETokenizer, ByteTokenizer, Tokenizer
+from scratchllm.utils import fsync_dir
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SLLMTOKS"
+FORMAT_VERSION = 1
+HEADER_BYTES = 256
+_HEADER = struct.Struct("<8sIIQ16sQ")
+_DTYPES: dict[int, type[np.unsignedinteger]] = {2: np.uint16, 4: np.uint32}
+
+# Text per worker task (characters ≈ bytes). Module-level so tests can make it tiny.
+CHUNK_BYTES = 1 << 20
+# Files larger than this are read in READ_BYTES blocks instead of all at once.
+STREAM_BYTES = 64 << 20
+READ_BYTES = 8 << 20
+
+ProgressFn = Callable[[int, int], None]
+
+
+def dtype_for_vocab(vocab_size: int) -> type[np.unsignedinteger]:
+    """uint16 when every id fits (vocab ≤ 65536, as GPT-2's 50257), else uint32."""
+    if vocab_size < 1:
+        raise InputError(f"vocab size {vocab_size}: expected at least 1")
+    if vocab_size > 2**32:
+        raise InputError(f"vocab size {vocab_size}: token files hold ids below 2**32 only")
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def _pack_header(count: int, dtype: type[np.unsignedinteger], vocab_size: int, fp: bytes) -> bytes:
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, np.dtype(dtype).itemsize, count, fp, vocab_size)
+    return head.ljust(HEADER_BYTES, b"\0")
+
+
+def _fingerprint_bytes(fingerprint: str) -> bytes:
+    try:
+        raw = fingerprint.encode("ascii")
+    except UnicodeEncodeError:
+        raise InputError(f"tokenizer fingerprint {fingerprint!r}: expected ASCII") from None
+    if len(raw) > 16:
+        raise InputError(f"tokenizer fingerprint {fingerprint!r}: expected at most 16 characters")
+    return raw.ljust(16, b"\0")
+
+
+def write_token_file(
+    path: str | Path,
+    chunks: Iterable[np.ndarray | list[int]],
+    vocab_size: int,
+    fingerprint: str,
+) -> Path:
+    """Stream token `chunks` into a token file at `path` atomically; returns the path.
+
+    Every id must lie in [0, vocab_size); the first one that does not is an InputError.
+    """
+    path = Path(path)
+    dtype = dtype_for_vocab(vocab_size)
+    fp = _fingerprint_bytes(fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    count = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(_pack_header(0, dtype, vocab_size, fp))  # placeholder; count comes last
+            for chunk in chunks:
+                arr = np.asarray(chunk)
+                if arr.size == 0:
+                    continue
+                arr = arr.reshape(-1)
+                if arr.dtype.kind not in "iu":
+                    raise InputError(
+                        f"token file {path}: chunk of dtype {arr.dtype}, expected integer ids"
+                    )
+                bad = (arr < 0) | (arr >= vocab_size)
+                if bad.any():
+                    at = int(np.argmax(bad))
+                    raise InputError(
+                        f"token file {path}: token id {int(arr[at])} at position {count + at} "
+                        f"is outside the vocabulary of {vocab_size}"
+                    )
+                fh.write(arr.astype(dtype, copy=False).tobytes())
+                count += arr.size
+            fh.seek(0)
+            fh.write(_pack_header(count, dtype, vocab_size, fp))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    log.info("wrote %s: %d tokens (%s)", path, count, np.dtype(dtype).name)
+    return path
+
+
+class TokenFile:
+    """A token file opened read-only: `tokens` is a memory map, so opening costs nothing."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as fh:
+                head = fh.read(HEADER_BYTES)
+                size = os.fstat(fh.fileno()).st_size
+        except FileNotFoundError:
+            raise InputError(f"token file {self.path}: no such file") from None
+        except OSError as exc:
+            raise InputError(
+                f"token file {self.path}: cannot read it ({exc.strerror or exc})"
+            ) from None
+        if len(head) < HEADER_BYTES:
+            raise InputError(
+                f"token file {self.path}: truncated header ({len(head)} bytes), "
+                f"expected {HEADER_BYTES}"
+            )
+        magic, version, code, count, fp, vocab_size = _HEADER.unpack_from(head)
+        if magic != MAGIC:
+            raise InputError(
+                f"token file {self.path}: bad magic {magic!r}, expected {MAGIC!r} "
+                "(not a scratchllm token file)"
+            )
+        if version != FORMAT_VERSION:
+            raise InputError(
+                f"token file {self.path}: format version {version}, expected {FORMAT_VERSION}"
+            )
+        if code not in _DTYPES:
+            raise InputError(
+                f"token file {self.path}: dtype code {code}, expected 2 (uint16) or 4 (uint32)"
+            )
+        expected = HEADER_BYTES + count * code
+        if size != expected:
+            what = "truncated" if size < expected else "size mismatch"
+            raise InputError(
+                f"token file {self.path}: {what}: {size} bytes, expected {expected} "
+                f"for {count} tokens of {code} bytes"
+            )
+        try:
+            self.fingerprint = fp.rstrip(b"\0").decode("ascii")
+        except UnicodeDecodeError:
+            raise InputError(
+                f"token file {self.path}: tokenizer fingerprint is not ASCII (corrupt header)"
+            ) from None
+        self.vocab_size = int(vocab_size)
+        dtype = _DTYPES[code]
+        self.tokens: np.ndarray
+        if count == 0:  # an empty file cannot be memory-mapped
+            self.tokens = np.zeros(0, dtype=dtype)
+            self.tokens.flags.writeable = False
+        else:
+            self.tokens = np.memmap(
+                self.path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,)
+            )
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenFile({str(self.path)!r}, tokens={len(self)}, dtype={self.tokens.dtype}, "
+            f"vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
+        )
+
+
+# -- tokenizing a corpus ---------------------------------------------------------------------------
+def splittable(tokenizer: Tokenizer) -> bool:
+    """Whether a document may be encoded in pieces with the same result as a whole.
+
+    True for bytes and for BPE with a pre-tokenizer pattern known to be safe (GPT-2's and
+    GPT-4's: no pre-token runs from a letter/digit into a following space or newline, so
+    cutting there changes nothing). Other tokenizers (e.g. SentencePiece, which marks the start
+    of its input) are encoded a whole document at a time unless they set `splittable = True`.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return True
+    if isinstance(tokenizer, BPETokenizer):
+        known = {GPT2_PATTERN, *getattr(tokenizer_module, "PATTERNS", {}).values()}
+        return tokenizer.pattern in known
+    return bool(getattr(tokenizer, "splittable", False))
+
+
+# A letter/digit followed by a newline (preferred) or a space: the cut goes between them.
+_NEWLINE_CUT = re.compile(r"[^\W_]\n")
+_SPACE_CUT = re.compile(r"[^\W_] ")
+_ANY_CUT = re.compile(r"[^\W_][\n ]")
+
+
+def _find_cut(text: str, pos: int) -> int | None:
+    """A safe cut at or after `pos` (> 0): right after a letter/digit, before a newline or space.
+
+    Cutting there gives the same ids as encoding the text whole: no GPT-2 (or Llama-3) style
+    pre-token runs from a letter/digit into whitespace, so a pre-token boundary is always there,
+    and regex matches depend only on the text to their right. Newlines are preferred so chunks
+    end at line ends.
+    """
+    end = pos + 65536
+    for pattern in (_NEWLINE_CUT, _SPACE_CUT):
+        match = pattern.search(text, pos - 1, end)
+        if match:
+            return match.start() + 1
+    match = _ANY_CUT.search(text, end - 1)  # a long stretch without a cut (rare)
+    return match.start() + 1 if match else None
+
+
+def _split_document(
+    pieces: Iterable[str], size: int, chunk_chars: int, split: bool
+) -> Iterator[tuple[str, bool, int]]:
+    """(text, ends_document, progress_bytes) chunks of one document's text pieces.
+
+    A whitespace-only document yields no text and no eot, as `iter_documents` skips it.
+    The progress bytes of a document add up to `size`, so progress ends exactly at the total.
+    """
+    done = 0
+    buf = ""
+    emitted = False
+    for piece in pieces:
+        buf = buf + piece if buf else piece
+        if not split:
+            continue
+        start = 0
+        while len(buf) - start >= 2 * chunk_chars:
+            cut = _find_cut(buf, start + chunk_chars)
+            if cut is None:
+                break  # no safe cut yet: wait for more text
+            weight = min(cut - start, size - done)
+            done += weight
+            emitted = True
+            yield buf[start:cut], False, weight
+            start = cut
+        if start:
+            buf = buf[start:]
+    if not emitted and not buf.strip():
+        yield "", False, size - done  # counts for progress only
+        return
+    yield buf, True, size - done
+
+
+def _iter_tasks(
+    sources: Sequence[tuple[str, Path | None]],
+    sizes: Sequence[int],
+    strip_gutenberg: bool,
+    split: bool,
+) -> Iterator[tuple[list[tuple[str, bool]], int]]:
+    """Batches of (text, add_eot) segments of about CHUNK_BYTES, with their progress bytes.
+
+    Small documents are batched together so each worker task is worth sending.
+    """
+    chunk_chars = max(1, CHUNK_BYTES)
+    segments: list[tuple[str, bool]] = []
+    chars = 0
+    weight = 0
+    for (source, path), size in zip(sources, sizes, strict=True):
+        if path is None:
+            pieces: Iterator[str] = iter([corpus.builtin_text(source)])
+        else:
+            pieces = corpus.iter_file_pieces(path, strip_gutenberg, STREAM_BYTES, READ_BYTES)
+        for text, eot, w in _split_document(pieces, size, chunk_chars, split):
+            weight += w
+            if text or eot:
+                segments.append((text, eot))
+                chars += len(text)
+            if chars >= chunk_chars:
+                yield segments, weight
+                segments, chars, weight = [], 0, 0
+    if segments or weight:
+        yield segments, weight
+
+
+def _encode_segments(tokenizer: Tokenizer, segments: list[tuple[str, bool]]) -> np.ndarray:
+    parts = []
+    eot = tokenizer.eot_id
+    for text, add_eot in segments:
+        ids = list(tokenizer.encode_ordinary(text)) if text else []
+        if add_eot:
+            ids.append(eot)
+        parts.append(np.asarray(ids, dtype=np.uint32))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_in_worker(segments: list[tuple[str, bool]]) -> np.ndarray:
+    assert _WORKER_TOKENIZER is not None
+    return _encode_segments(_WORKER_TOKENIZER, segments)
+
+
+def default_workers() -> int:
+    """CPUs this process may use (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _encoded_stream(
+    tasks: Iterator[tuple[list[tuple[str, bool]], int]],
+    tokenizer: Tokenizer,
+    workers: int,
+    total: int,
+    progress: ProgressFn | None,
+) -> Iterator[np.ndarray]:
+    done = 0
+
+    def report(weight: int) -> None:
+        nonlocal done
+        done += weight
+        if progress is not None:
+            progress(done, total)
+
+    if workers <= 1:
+        for segments, weight in tasks:
+            yield _encode_segments(tokenizer, segments)
+            report(weight)
+        return
+    # Bounded in-flight window instead of Pool.imap: imap's feeder thread would read the whole
+    # corpus ahead into the task queue. This keeps order and at most 2 tasks per worker in memory.
+    with multiprocessing.get_context().Pool(
+        workers, initializer=_init_worker, initargs=(tokenizer,)
+    ) as pool:
+        pending: deque = deque()
+        for segments, weight in tasks:
+            pending.append((pool.apply_async(_encode_in_worker, (segments,)), weight))
+            if len(pending) >= 2 * workers:
+                result, w = pending.popleft()
+                yield result.get()
+                report(w)
+        while pending:
+            result, w = pending.popleft()
+            yield result.get()
+            report(w)
+
+
+def tokenize_corpus(
+    specs: Sequence[str],
+    tokenizer: Tokenizer,
+    out_path: str | Path,
+    strip_gutenberg: bool = False,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> TokenFile:
+    """Tokenize the documents named by `specs` into a token file at `out_path`.
+
+    Every document is followed by `<|endoftext|>`. Text is read file by file (big files in
+    blocks), cut into ~CHUNK_BYTES pieces at safe boundaries and encoded by `workers` processes
+    (default: all CPUs), so memory stays bounded whatever the corpus size.
+    `progress(bytes_done, bytes_total)` is called as chunks complete.
+    """
+    if isinstance(specs, str | Path):
+        specs = [str(specs)]
+    sources = corpus.list_sources(specs)
+    sizes = []
+    for source, path in sources:
+        if path is None:
+            sizes.append(len(corpus.builtin_text(source).encode("utf-8")))
+        else:
+            try:
+                sizes.append(path.stat().st_size)
+            except OSError as exc:
+                raise InputError(f"corpus file {path}: cannot read it ({exc.strerror})") from None
+    total = sum(sizes)
+    if workers is None:
+        workers = default_workers()
+    if workers < 1:
+        raise InputError(f"workers {workers}: expected at least 1")
+    if total <= 2 * CHUNK_BYTES:
+        workers = 1  # starting processes costs more than encoding a small corpus
+    split = splittable(tokenizer)
+    if not split:
+        log.info("tokenizer %s is not known to be splittable: encoding whole documents", tokenizer)
+    eot = tokenizer.eot_id  # fails early if the tokenizer has no <|endoftext|>
+    label = ", ".join(map(str, specs))
+
+    def checked() -> Iterator[np.ndarray]:
+        count = 0
+        tasks = _iter_tasks(sources, sizes, strip_gutenberg, split)
+        for arr in _encoded_stream(tasks, tokenizer, workers, total, progress):
+            count += arr.size
+            yield arr
+        if count == 0:
+            raise InputError(f"corpus {label}: no text found (every document is empty)")
+
+    write_token_file(out_path, checked(), tokenizer.vocab_size, tokenizer.fingerprint())
+    token_file = TokenFile(out_path)
+    log.info(
+        "tokenized %d documents (%d bytes) into %d tokens with eot=%d: %s",
+        len(sources),
+        total,
+        len(token_file),
+        eot,
+        out_path,
+    )
+    return token_file
+
+
+def corpus_key(specs: Sequence[str], tokenizer: Tokenizer, strip_gutenberg: bool) -> str:
+    """A hash of what a token file depends on: files (path, size, mtime), tokenizer, options."""
+    if isinstance(specs, str | Path):
+        specs = [str(specs)]
+    h = hashlib.sha256(f"scratchllm-tokens-v{FORMAT_VERSION}".encode())
+    # Document order matters for the token stream, so paths are hashed in reading order.
+    for source, path in corpus.list_sources(specs):
+        if path is None:
+            text_hash = hashlib.sha256(corpus.builtin_text(source).encode("utf-8")).hexdigest()
+            h.update(f"\0{source}\0{text_hash}".encode())
+        else:
+            st = path.stat()
+            h.update(f"\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    h.update(f"\0{tokenizer.fingerprint()}\0{tokenizer.vocab_size}\0{strip_gutenberg}".encode())
+    return h.hexdigest()[:16]
+
+
+def token_file_for(
+    specs: Sequence[str],
+    tokenizer: Tokenizer,
+    cache_dir: str | Path,
+    strip_gutenberg: bool = False,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> TokenFile:
+    """The token file for `specs`, from `cache_dir` when an up-to-date one is there."""
+    path = Path(cache_dir) / f"tokens-{corpus_key(specs, tokenizer, strip_gutenberg)}.bin"
+    if path.exists():
+        try:
+            cached = TokenFile(path)
+        except InputError as exc:
+            log.warning("rebuilding unreadable cached token file: %s", exc)
+        else:
+            if (
+                cached.fingerprint == tokenizer.fingerprint()
+                and cached.vocab_size == tokenizer.vocab_size
+            ):
+                log.info("using cached token file %s (%d tokens)", path, len(cached))
+                return cached
+            log.warning("rebuilding %s: it was made with another tokenizer", path)
+    return tokenize_corpus(specs, tokenizer, path, strip_gutenberg, workers, progress)
