@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
-
 from scratchllm.commands.pretrain import PretrainOptions, pretrain
 from scratchllm.train.checkpoint import load_checkpoint, load_state_dict
 from scratchllm.train.schedule import lr_at

@@ -6,6 +6,8 @@ character. Tokens are held here as `bytes` with their id as tiktoken's rank.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -161,6 +163,44 @@ def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
             raise ValueError(f"token {token!r} (rank {rank}) cannot be built from lower merges")
         merges.append((parts[0], parts[1]))
     return merges
+
+
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """Parse a tiktoken rank file: `base64(token) rank` per line; a bad line is reported."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: tiktoken rank file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+        except (ValueError, binascii.Error):
+            raise InputError(
+                f"{path}: line {lineno}: expected 'base64-token rank', got {line[:60]!r}"
+            ) from None
+        if token in ranks or rank < 0:
+            raise InputError(f"{path}: line {lineno}: duplicate token or negative rank")
+        ranks[token] = rank
+    if not ranks:
+        raise InputError(f"{path}: empty tiktoken rank file")
+    return ranks
+
+
+def write_tiktoken_ranks(path: Path, ranks: dict[bytes, int]) -> None:
+    """Write ranks in tiktoken's format (what `tiktoken.load.load_tiktoken_bpe` reads)."""
+    lines = [
+        f"{base64.b64encode(token).decode('ascii')} {rank}"
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    ]
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def write_gpt2_files(

@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "pretrain": "scratchllm.commands.pretrain",
     "generate": "scratchllm.commands.generate",
     "tokenizer": "scratchllm.commands.tokenizer",
+    "convert": "scratchllm.commands.convert",
+    "download": "scratchllm.commands.download",
 }
 
 

@@ -25,6 +25,14 @@ EOT = "<|endoftext|>"
 META_FILE = "scratchllm_tokenizer.json"
 # GPT-2's pre-tokenisation pattern (tiktoken's r50k/gpt2 `pat_str`).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-4's (tiktoken cl100k_base) pattern: case-insensitive contractions, digits in groups of at
+# most three, punctuation keeps its trailing newlines.
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+PATTERNS: dict[str, str] = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+TIKTOKEN_FILE = "tokenizer.tiktoken"
 
 
 class Tokenizer(ABC):
@@ -166,7 +174,13 @@ class ByteTokenizer(Tokenizer):
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE encoded by tiktoken from `mergeable_ranks` (token bytes → rank = id)."""
+    """Byte-level BPE encoded by tiktoken from `mergeable_ranks` (token bytes → rank = id).
+
+    Ids need not follow merge order for single bytes or special tokens (a vocabulary may put
+    `<|endoftext|>` at 0 and the bytes at 1..256); merged tokens must have increasing ids in
+    merge order, since tiktoken merges by id. `merges`, when known (a trained tokenizer), is
+    written as is by `save`; otherwise `save` recovers it from the ranks.
+    """
 
     def __init__(
         self,
@@ -174,11 +188,13 @@ class BPETokenizer(Tokenizer):
         special_tokens: dict[str, int] | None = None,
         pattern: str = GPT2_PATTERN,
         name: str = "bpe",
+        merges: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         import tiktoken
 
         self.name = name
         self.mergeable_ranks = mergeable_ranks
+        self.merges = merges
         self.pattern = pattern
         self._special = dict(special_tokens or {})
         n_vocab = max([*mergeable_ranks.values(), *self._special.values()]) + 1
@@ -239,11 +255,44 @@ class BPETokenizer(Tokenizer):
             specials = special_tokens
         return cls(ranks, specials, GPT2_PATTERN, name=name)
 
+    @classmethod
+    def from_tiktoken_file(
+        cls,
+        path: str | Path,
+        special_tokens: dict[str, int] | None = None,
+        pattern: str = GPT2_PATTERN,
+        name: str = "bpe",
+    ) -> BPETokenizer:
+        """Load a tiktoken rank file (`base64(token) rank` per line)."""
+        from scratchllm import bpe_files
+
+        return cls(bpe_files.read_tiktoken_ranks(Path(path)), special_tokens, pattern, name=name)
+
+    @classmethod
+    def from_training(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        special_tokens: Sequence[str] = (EOT,),
+        pattern: str = GPT2_PATTERN,
+        **kwargs: Any,
+    ) -> BPETokenizer:
+        """Train byte-level BPE on `texts`; see `scratchllm.bpe_train.train_bpe` for options."""
+        from scratchllm.bpe_train import train_bpe
+
+        return train_bpe(texts, vocab_size, special_tokens, pattern, **kwargs)
+
+    def save_tiktoken(self, path: str | Path) -> None:
+        """Write the mergeable ranks as a tiktoken rank file (specials are not part of it)."""
+        from scratchllm import bpe_files
+
+        bpe_files.write_tiktoken_ranks(Path(path), self.mergeable_ranks)
+
     def save(self, directory: str | Path) -> None:
         from scratchllm import bpe_files
 
         directory = Path(directory)
-        bpe_files.write_gpt2_files(directory, self.mergeable_ranks, self._special)
+        bpe_files.write_gpt2_files(directory, self.mergeable_ranks, self._special, self.merges)
         write_meta(
             directory,
             {
@@ -321,14 +370,17 @@ def _from_meta(directory: Path, meta: dict[str, Any], source: Path) -> Tokenizer
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "bpe":
-        _require_gpt2_files(directory, str(directory))
         specials = {str(k): int(v) for k, v in meta.get("special_tokens", {}).items()}
         from scratchllm import bpe_files
 
+        pattern, name = meta.get("pattern", GPT2_PATTERN), meta.get("name", "bpe")
+        if not (directory / "encoder.json").exists() and (directory / TIKTOKEN_FILE).is_file():
+            return BPETokenizer.from_tiktoken_file(
+                directory / TIKTOKEN_FILE, specials, pattern, name
+            )
+        _require_gpt2_files(directory, str(directory))
         ranks, _ = bpe_files.read_gpt2_files(directory)
-        return BPETokenizer(
-            ranks, specials, meta.get("pattern", GPT2_PATTERN), meta.get("name", "bpe")
-        )
+        return BPETokenizer(ranks, specials, pattern, name)
     if kind == "hf":
         return _load_hf(directory)
     raise InputError(f"{source}: unknown tokenizer type {kind!r}; expected bytes, bpe or hf")
