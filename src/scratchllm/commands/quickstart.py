@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=600, help="training steps (default 600)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary (default 2048)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +37,21 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("scratchllm quickstart: a GPT trained on Python's own language reference")
     print("  corpus builtin:python-docs (pydoc_data.topics, ~0.47 MB, ships with Python)")
-    tokenizer_spec = "bytes"
+    # A small byte-level BPE learned from the corpus itself (seconds), as nanochat does.
+    from scratchllm.data.corpus import iter_documents
+    from scratchllm.tokenizer import BPETokenizer
+
+    t0 = time.perf_counter()
+    texts = [text for _, text in iter_documents(["builtin:python-docs"])]
+    tokenizer = BPETokenizer.from_training(texts, args.vocab_size, name="python-docs-bpe")
+    tokenizer_spec = str(out / "tokenizer")
+    tokenizer.save(tokenizer_spec)
+    n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
+    n_bytes = sum(len(t.encode()) for t in texts)
+    print(
+        f"  tokenizer: BPE with {tokenizer.vocab_size} ids trained in "
+        f"{time.perf_counter() - t0:.1f}s ({n_bytes / n_tokens:.2f} bytes per token)"
+    )
     opts = PretrainOptions(
         data=["builtin:python-docs"],
         model="gpt-nano",
