@@ -6,6 +6,8 @@ exceeds the context length is an error. Sampling is reproducible through a `torc
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from scratchllm.errors import InputError
@@ -65,13 +67,13 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Append up to `max_new_tokens` ids to `idx` (B, T) and return the (B, T + n) tensor.
 
-    A sequence that emits `eos_id` is finished: its later positions are padded with `eos_id`,
+    A sequence that emits `eos_id` (or any id of a collection of stop ids) is finished: its later positions are padded with `eos_id`,
     and generation stops when every sequence is finished. With `use_cache`, each step feeds one
     token through the KV cache; once the window is full it slides, recomputing over the last
     `context_size` tokens exactly as the book's loop does.
@@ -90,17 +92,23 @@ def generate(
     try:
         idx = idx.to(next(model.parameters()).device)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        cache = model.new_cache(idx.shape[0], ctx) if use_cache else None
+        stop = None
+        if eos_id is not None:
+            ids = [eos_id] if isinstance(eos_id, int) else sorted(eos_id)
+            stop = torch.tensor(ids, device=idx.device)
+        # The cache holds only what this call can reach, not the whole (maybe 128k) context.
+        cache_len = min(ctx, idx.shape[1] + max_new_tokens)
+        cache = model.new_cache(idx.shape[0], cache_len) if use_cache else None
         logits = model(idx, cache=cache)[:, -1]
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-                finished |= nxt == eos_id
+            if stop is not None:
+                nxt = torch.where(finished, stop[0], nxt)
+                finished |= torch.isin(nxt, stop)
             idx = torch.cat([idx, nxt[:, None]], dim=1)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            if cache is not None and cache.length < ctx:
+            if cache is not None and cache.length < cache.max_len:
                 logits = model(nxt[:, None], cache=cache)[:, -1]
             else:
                 cache = None  # the window is full: slide it as the book does
@@ -130,7 +138,12 @@ def generate_text(
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    eos = tokenizer.special_tokens.get(tokenizer.eot_token) if stop_at_eos else None
+    stops: set[int] = set()
+    if stop_at_eos:
+        eot = tokenizer.special_tokens.get(tokenizer.eot_token)
+        stops = set(getattr(tokenizer, "stop_ids", None) or ()) | (
+            {eot} if eot is not None else set()
+        )
     out = generate(
         model,
         torch.tensor([ids], dtype=torch.long, device=device),
@@ -138,10 +151,12 @@ def generate_text(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        eos_id=eos,
+        eos_id=stops or None,
         generator=generator,
     )
     new = out[0, len(ids) :].tolist()
-    if eos is not None and eos in new:
-        new = new[: new.index(eos)]
+    for i, token in enumerate(new):
+        if token in stops:
+            new = new[:i]
+            break
     return tokenizer.decode(new)

@@ -71,6 +71,12 @@ class GPTModel(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def set_classification_head(self, num_classes: int) -> None:
+        """Replace the vocabulary head by a `num_classes` linear head (ch. 6); unties it."""
+        p = self.tok_emb.weight
+        self.out_head = nn.Linear(self.config.emb_dim, num_classes, device=p.device, dtype=p.dtype)
+        self.num_classes = num_classes
+
     def set_attention_impl(self, impl: str) -> None:
         """'sdpa' (fused kernels) or 'explicit' (the book's masked softmax, for reference)."""
         if impl not in ("sdpa", "explicit"):

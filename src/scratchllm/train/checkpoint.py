@@ -70,7 +70,8 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the tied head (safetensors refuses shared storage)."""
     base = getattr(model, "module", model)  # unwrap DDP
     state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
-    if getattr(getattr(base, "config", None), "tie_embeddings", False):
+    tied = getattr(getattr(base, "config", None), "tie_embeddings", False)
+    if tied and not getattr(base, "num_classes", None):
         state.pop("out_head.weight", None)
     return state
 
@@ -149,10 +150,12 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
 
 
-def load_weights_into(model: GPTModel, state: dict[str, torch.Tensor], source: str) -> None:
+def load_weights_into(
+    model: GPTModel, state: dict[str, torch.Tensor], source: str, assign: bool = False
+) -> None:
     """Load `state` strictly, naming the first missing, unexpected or misshapen tensor."""
     expected = model.state_dict()
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and not getattr(model, "num_classes", None):
         expected.pop("out_head.weight", None)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -168,7 +171,7 @@ def load_weights_into(model: GPTModel, state: dict[str, torch.Tensor], source: s
                 f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(expected[key].shape)}"
             )
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=assign)
 
 
 def load_checkpoint(
@@ -194,16 +197,19 @@ def load_checkpoint(
     if tokenizer is None:
         raise CheckpointError(f"checkpoint {path}: tokenizer/ is missing")
     state = load_state_dict(path)
+    # Build on the meta device and adopt the loaded tensors (assign=True): one copy in memory.
     with torch.device("meta"):
         model = GPTModel(config)
-    model = model.to_empty(device=device)
-    load_weights_into(model, state, str(path / "model.safetensors"))
-    if config.tie_embeddings:
+        if meta.get("num_classes"):
+            model.set_classification_head(int(meta["num_classes"]))
+    load_weights_into(model, state, str(path / "model.safetensors"), assign=True)
+    if config.tie_embeddings and not meta.get("num_classes"):
         model.out_head.weight = model.tok_emb.weight
     if model.rope is not None:  # non-persistent buffers are not in the file: recompute
         from scratchllm.model.layers import rope_inverse_frequencies
 
-        model.rope.inv_freq = rope_inverse_frequencies(config).to(device)
+        model.rope.inv_freq = rope_inverse_frequencies(config)
+    model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)
     check_tokenizer_fits(tokenizer, config, str(path))
