@@ -45,6 +45,9 @@ class ModelConfig:
     ffn: FFN = "gelu"
     bias: bool = True  # bias on the output projection and the feed-forward linears
     qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3)
+    # Std of the embedding init. None: 1.0 (PyTorch's nn.Embedding default, the book's model)
+    # when the head is untied, 0.02 (GPT-2) when it is tied, since the head then shares it.
+    emb_init_std: float | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from scratchllm.config import ModelConfig
@@ -54,11 +55,14 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
+        # Recompute each block's activations in backward instead of storing them (training only).
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     # -- initialisation ------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·layers)."""
+        """GPT-2 initialisation: N(0, 0.02) linears, residual projections scaled by
+        1/sqrt(2·layers); embeddings as `ModelConfig.emb_init_std` says."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -69,7 +73,14 @@ class GPTModel(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.normal_(module.weight, mean=0.0, std=self._emb_std())
+
+    def _emb_std(self) -> float:
+        # Small-std embeddings (GPT-2) make a deep untied model sit on the unigram plateau for
+        # long on small data (the book's ch. 5 run stalls at loss ~6); N(0, 1) learns at once.
+        if self.config.emb_init_std is not None:
+            return self.config.emb_init_std
+        return 0.02 if self.config.tie_embeddings else 1.0
 
     def set_classification_head(self, num_classes: int) -> None:
         """Replace the vocabulary head by a `num_classes` linear head (ch. 6); unties it."""
@@ -122,8 +133,19 @@ class GPTModel(nn.Module):
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             rope = (cos, sin)
         x = self.drop_emb(x)
+        checkpointing = (
+            self.activation_checkpointing
+            and self.training
+            and cache is None
+            and torch.is_grad_enabled()
+        )
         for block in self.trf_blocks:
-            x = block(x, rope, cache, attn_mask)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, rope, None, attn_mask, use_reentrant=False
+                )
+            else:
+                x = block(x, rope, cache, attn_mask)
         if cache is not None:
             cache.advance(t)
         x = self.final_norm(x)
