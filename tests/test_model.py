@@ -170,3 +170,14 @@ def test_too_long_input_is_an_input_error():
     model = GPTModel(tiny())
     with pytest.raises(InputError, match="exceeds the model's context length 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824), ("qwen3-0.6b", 596_049_920)],
+)
+def test_modern_presets_match_published_parameter_counts(name, expected):
+    # The sizes Meta and Qwen publish for these checkpoints (tied embeddings counted once).
+    with torch.device("meta"):
+        model = GPTModel(ModelConfig.from_preset(name))
+    assert model.num_parameters() == expected
