@@ -23,6 +23,10 @@ COMMANDS: dict[str, str] = {
     "tokenizer": "scratchllm.commands.tokenizer",
     "convert": "scratchllm.commands.convert",
     "download": "scratchllm.commands.download",
+    "finetune": "scratchllm.commands.finetune",
+    "classify": "scratchllm.commands.classify",
+    "chat": "scratchllm.commands.chat",
+    "serve": "scratchllm.commands.serve",
 }
 
 

@@ -2,6 +2,8 @@
 
 While generating, the context slides to the model's length as in the book; a prompt that alone
 exceeds the context length is an error. Sampling is reproducible through a `torch.Generator`.
+This is the one sampler: `scratchllm.engine` (batched serving, streaming, stop strings) draws
+its tokens through `sample_next`, `filter_logits` and `apply_repetition_penalty`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,22 @@ def filter_logits(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """CTRL's repetition penalty: divide positive, multiply negative logits of `seen` tokens.
+
+    `seen` is a bool mask shaped like `logits`, True for every id already in the sequence.
+    """
+    if penalty <= 0:
+        raise InputError(f"repetition_penalty must be > 0, got {penalty}")
+    if penalty == 1.0:
+        return logits
+    logits = logits.float()
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
 
 
 def sample_next(

@@ -1,4 +1,5 @@
-"""Progress display for training: a tqdm bar with loss, tokens/s and ETA, plus eval lines."""
+"""Progress display for training: a tqdm bar with loss, tokens/s, MFU, peak memory and ETA,
+plus eval lines."""
 
 from __future__ import annotations
 
@@ -30,12 +31,16 @@ class ProgressCallback(TrainerCallback):
         if self.bar is None:
             return
         self.bar.update(record["step"] - self.bar.n)
-        self.bar.set_postfix(
-            loss=f"{record['loss']:.3f}",
-            tok_s=f"{record['tokens_per_s']:.0f}",
-            lr=f"{record['lr']:.2e}",
-            refresh=False,
-        )
+        fields = {
+            "loss": f"{record['loss']:.3f}",
+            "tok_s": f"{record['tokens_per_s']:.0f}",
+        }
+        if "mfu" in record:
+            fields["mfu"] = f"{record['mfu']:.1%}"
+        if "peak_mem_gib" in record:
+            fields["mem"] = f"{record['peak_mem_gib']:.1f}G"
+        fields["lr"] = f"{record['lr']:.2e}"
+        self.bar.set_postfix(fields, refresh=False)
 
     def on_eval(self, trainer: Trainer, record: dict[str, Any], sample: str | None) -> None:
         parts = [f"step {record['step']:>6}"]

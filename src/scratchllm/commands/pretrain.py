@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ examples:
   scratchllm pretrain --data 'books/*.txt' --model gpt2-small --tokenizer gpt2:gpt2_files \\
       --context-length 256 --max-steps 2000 --dtype bfloat16 --out runs/books
   scratchllm pretrain --out runs/books --resume      # continue where it stopped
+  torchrun --nproc_per_node=4 -m scratchllm pretrain --model gpt2-small ... --out runs/big
+      # data-parallel (DDP) on 4 GPUs or CPU processes; add --fsdp to shard the model
 """
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,13 @@ class PretrainOptions:
     sample_prompt: str | None = None
     sample_tokens: int = 40
     resume: bool = False
+    keep_last: int = 2
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+    tensorboard: bool = False
+    optimizer_impl: str = "auto"
+    vocab_multiple: int | None = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,6 +105,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--sample-prompt", help="prompt for the sample printed at each evaluation")
     a("--sample-tokens", type=int, help="tokens in each evaluation sample (0 = none)")
     a("--resume", action="store_const", const=True, help="continue the run in --out")
+    a("--keep-last", type=int, help="step snapshots kept in OUT/checkpoints/ (default 2, 0 = none)")
+    a("--compile", action="store_const", const=True, help="torch.compile the training step")
+    a(
+        "--activation-checkpointing",
+        action="store_const",
+        const=True,
+        help="recompute block activations in backward: less memory, ~30%% more compute",
+    )
+    a("--fsdp", action="store_const", const=True, help="under torchrun: shard with FSDP2")
+    a("--tensorboard", action="store_const", const=True, help="log to OUT/tensorboard too")
+    a(
+        "--vocab-multiple",
+        type=int,
+        help="pad the output matmul to a multiple of N rows (default 64 on CUDA, 1 on CPU)",
+    )
+    a(
+        "--optimizer-impl",
+        choices=["auto", "fused", "foreach"],
+        help="AdamW kernel (default auto: fused)",
+    )
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -166,8 +196,23 @@ def build_model_config(opts: PretrainOptions, tokenizer):
 
 
 def run(args: argparse.Namespace) -> int:
+    from scratchllm.train.trainer import TrainingDiverged
+
     opts = resolve_options(args)
-    result = pretrain(opts)
+    try:
+        result = pretrain(opts)
+    except TrainingDiverged as exc:
+        print(f"scratchllm pretrain: stopped: {exc}", file=sys.stderr)
+        return 1
+    if result["rank"] != 0:
+        return 0  # under torchrun rank 0 alone reports
+    if result["interrupted"]:
+        print(
+            f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved in "
+            f"{result['checkpoint']}: continue with --resume",
+            file=sys.stderr,
+        )
+        return 143 if result["interrupted"] == "SIGTERM" else 130
     first, last = result["first_eval"], result["last_eval"]
     key = "val_loss" if "val_loss" in last else "train_loss"
     print(
@@ -182,7 +227,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def pretrain(opts: PretrainOptions, callback=None) -> dict[str, Any]:
-    """Run pretraining from resolved options; returns a summary dict."""
+    """Run pretraining from resolved options; returns a summary dict.
+
+    Under torchrun (RANK/WORLD_SIZE set) every rank runs this; rank 0 alone writes."""
+    from scratchllm.train import distributed as D
+    from scratchllm.utils import pick_device
+
+    out = Path(opts.out)
+    if not 0.0 <= opts.val_fraction < 1.0:
+        raise InputError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    # Under torchrun: join the process group; each rank trains on its own GPU / data part.
+    info = D.env_dist_info()
+    device = D.device_for_rank(pick_device(opts.device), info)
+    info = D.init_distributed(device)
+    try:
+        return _pretrain(opts, callback, out, device, info)
+    finally:
+        D.cleanup()
+
+
+def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[str, Any]:
     import torch
 
     from scratchllm.commands._progress import ProgressCallback
@@ -190,15 +254,12 @@ def pretrain(opts: PretrainOptions, callback=None) -> dict[str, Any]:
     from scratchllm.data.shards import token_file_for
     from scratchllm.model.gpt import GPTModel
     from scratchllm.tokenizer import load_tokenizer
+    from scratchllm.train import distributed as D
     from scratchllm.train.checkpoint import load_checkpoint
     from scratchllm.train.tasks import LMTask
-    from scratchllm.train.trainer import TrainConfig, Trainer
-    from scratchllm.utils import pick_device, seed_everything
+    from scratchllm.train.trainer import TrainConfig, Trainer, TrainerCallback
+    from scratchllm.utils import seed_everything
 
-    out = Path(opts.out)
-    if not 0.0 <= opts.val_fraction < 1.0:
-        raise InputError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
-    device = pick_device(opts.device)
     if opts.resume:
         ckpt = load_checkpoint(out)
         tokenizer, config = ckpt.tokenizer, ckpt.config
@@ -210,9 +271,16 @@ def pretrain(opts: PretrainOptions, callback=None) -> dict[str, Any]:
             )
         tokenizer = load_tokenizer(opts.tokenizer)
         config = build_model_config(opts, tokenizer)
+        # Same seed on every rank: FSDP does not broadcast, so all ranks must build equal weights.
         seed_everything(opts.seed)
         model = GPTModel(config)
-    token_file = token_file_for(opts.data, tokenizer, out / "data", opts.strip_gutenberg)
+    D.barrier()  # every rank has checked --out before rank 0 writes into it
+    # Rank 0 tokenizes (and caches); the other ranks then read its cached token file.
+    if info.is_main:
+        token_file = token_file_for(opts.data, tokenizer, out / "data", opts.strip_gutenberg)
+    D.barrier()
+    if not info.is_main:
+        token_file = token_file_for(opts.data, tokenizer, out / "data", opts.strip_gutenberg)
     train_tokens, val_tokens = split_tokens(token_file.tokens, opts.val_fraction)
     task = LMTask(
         train_tokens,
@@ -225,6 +293,8 @@ def pretrain(opts: PretrainOptions, callback=None) -> dict[str, Any]:
         mode=opts.sampling,
         stride=opts.stride,
         sample_prompt=opts.sample_prompt,
+        rank=info.rank,
+        world_size=info.world_size,
     )
     train_config = TrainConfig(
         max_steps=opts.max_steps,
@@ -245,20 +315,34 @@ def pretrain(opts: PretrainOptions, callback=None) -> dict[str, Any]:
         device=str(device),
         seed=opts.seed,
         sample_tokens=opts.sample_tokens,
+        keep_last=opts.keep_last,
+        optimizer_impl=opts.optimizer_impl,
+        compile=opts.compile,
+        activation_checkpointing=opts.activation_checkpointing,
+        fsdp=opts.fsdp,
+        tensorboard=opts.tensorboard,
+        vocab_multiple=opts.vocab_multiple,
     )
     if opts.max_steps is None and opts.epochs is None:
         train_config.epochs = 1.0
     meta = {"title": f"{config.name} on {', '.join(opts.data)}"[:80], "data": opts.data}
+    if not info.is_main:
+        callback = TrainerCallback()  # one progress bar, from rank 0
     trainer = Trainer(
         model, task, train_config, out, tokenizer, meta, callback or ProgressCallback()
     )
     from scratchllm.utils import atomic_write_text
 
-    atomic_write_text(out / "run.json", json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
+    if info.is_main:
+        atomic_write_text(out / "run.json", json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
     log.info("model %s: %s parameters", config.name, f"{model.num_parameters():,}")
     torch.manual_seed(opts.seed)
     result = trainer.fit(resume=opts.resume)
     return {
+        "step": trainer.step,
+        "interrupted": result.interrupted,
+        "world_size": info.world_size,
+        "rank": info.rank,
         "steps": result.steps,
         "tokens": result.tokens,
         "seconds": result.seconds,

@@ -51,6 +51,145 @@ class KVCache:
         self.length = 0
 
 
+class BatchKVCache:
+    """A KV cache whose rows (sequences) each have their own length: the serving engine's cache.
+
+    Prompts of different lengths are prefilled right-padded from an empty cache (every row
+    writes the same slice, causal attention needs no extra mask); `set_lengths` then records each
+    row's true length, so the padding is overwritten by that row's later tokens. A one-token
+    decode step writes each row at its own length; `decode_mask` hides what lies beyond it.
+    Rows can be dropped (`select`) and batches joined (`merge`), which continuous batching needs.
+    Capacity grows on demand, so a 128k-context model does not preallocate 128k positions.
+    Storage is zero-filled: masked positions must hold finite numbers (0 · NaN would be NaN).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.config = config
+        self.max_len = config.context_length
+        capacity = max(1, min(capacity, self.max_len))
+        shape = (batch_size, config.kv_heads, capacity, config.head_size)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.lengths_list = [0] * batch_size  # host copy: no device sync to read a length
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._rows = torch.arange(batch_size, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths_list)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def length(self) -> int:
+        """The longest row (what `GPTModel.forward` checks against the context length)."""
+        return max(self.lengths_list, default=0)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.lengths_list)) <= 1
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        if self.uniform:  # every row at the same length: one slice write, nothing to mask
+            start = self.lengths_list[0] if self.lengths_list else 0
+            end = start + t
+            if end > self.capacity:
+                raise ValueError(f"KV cache holds {self.capacity} positions, asked for {end}")
+            self.keys[layer][:, :, start:end] = k
+            self.values[layer][:, :, start:end] = v
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        if t != 1:
+            raise ValueError("rows of different lengths can only advance one token at a time")
+        end = self.length + 1
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, asked for {end}")
+        self.keys[layer][self._rows, :, self.lengths] = k[:, :, 0]
+        self.values[layer][self._rows, :, self.lengths] = v[:, :, 0]
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.lengths_list = [n_ + n for n_ in self.lengths_list]
+        self.lengths += n
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Record each row's true length after a right-padded prefill."""
+        if len(lengths) != self.batch_size:
+            raise ValueError(f"expected {self.batch_size} lengths, got {len(lengths)}")
+        self.lengths_list = list(lengths)
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.lengths.device)
+
+    def positions(self) -> torch.Tensor:
+        """(B, 1) position of each row's next token."""
+        return self.lengths[:, None]
+
+    def decode_mask(self) -> torch.Tensor | None:
+        """(B, 1, 1, length + 1) bool mask for a one-token step; None when rows are aligned."""
+        if self.uniform:
+            return None
+        keys = torch.arange(self.length + 1, device=self.lengths.device)
+        return (keys[None, :] <= self.lengths[:, None])[:, None, None, :]
+
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` positions per row (doubling, capped at the context length)."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_len:
+            raise ValueError(f"KV cache: {needed} positions exceed the context {self.max_len}")
+        new = min(self.max_len, max(needed, 2 * self.capacity))
+        self._resize(new)
+
+    def _resize(self, capacity: int) -> None:
+        keep = min(capacity, self.capacity)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                b, h, _, d = old.shape
+                grown = torch.zeros((b, h, capacity, d), device=old.device, dtype=old.dtype)
+                grown[:, :, :keep] = old[:, :, :keep]
+                store[i] = grown
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order; a row may repeat, e.g. to fork n samples)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        used = max(1, self.length)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = torch.zeros((len(rows), *old.shape[1:]), device=old.device, dtype=old.dtype)
+                new[:, :, :used] = old[index, :, :used]
+                store[i] = new
+        self.lengths_list = [self.lengths_list[r] for r in rows]
+        self.lengths = self.lengths[index]
+        self._rows = torch.arange(len(rows), device=self.lengths.device)
+
+    def merge(self, other: BatchKVCache) -> None:
+        """Append the rows of `other` after this cache's rows."""
+        capacity = max(self.capacity, other.capacity)
+        mine, yours = self.length, other.length
+        for store, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for i, old in enumerate(store):
+                b, h, _, d = old.shape
+                new = torch.zeros(
+                    (b + theirs[i].shape[0], h, capacity, d), device=old.device, dtype=old.dtype
+                )
+                new[:b, :, :mine] = old[:, :, :mine]
+                new[b:, :, :yours] = theirs[i][:, :, :yours]
+                store[i] = new
+        self.lengths_list = self.lengths_list + other.lengths_list
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self._rows = torch.arange(len(self.lengths_list), device=self.lengths.device)
+
+
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Boolean (q_len, k_len) mask, True where attention is allowed; queries are the last q_len."""
     offset = k_len - q_len

@@ -57,6 +57,8 @@ class GPTModel(nn.Module):
             self.out_head.weight = self.tok_emb.weight
         # Recompute each block's activations in backward instead of storing them (training only).
         self.activation_checkpointing = False
+        # Pad the output matmul to a multiple of this many rows (1: off); weights stay as they are.
+        self.vocab_multiple = 1
         self.reset_parameters()
 
     # -- initialisation ------------------------------------------------------------------------
@@ -151,7 +153,17 @@ class GPTModel(nn.Module):
         x = self.final_norm(x)
         if return_hidden:
             return x
-        return self.out_head(x)
+        head = self.out_head
+        plain = type(head) is nn.Linear and not getattr(self, "num_classes", None)
+        pad = -head.out_features % self.vocab_multiple if plain and self.vocab_multiple > 1 else 0
+        if pad:
+            # Multiply by a weight padded to a multiple of `vocab_multiple` rows (GPU matmul
+            # tiles: 2x faster head on an H100 for 50257 -> 50304), then drop the extra logits:
+            # outputs and gradients are exactly those of the real vocabulary.
+            weight = torch.nn.functional.pad(head.weight, (0, 0, 0, pad))
+            bias = None if head.bias is None else torch.nn.functional.pad(head.bias, (0, pad))
+            return torch.nn.functional.linear(x, weight, bias)[..., : head.out_features]
+        return head(x)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -7,7 +7,9 @@
     train_state.pt       optimizer/schedule/RNG/data position; tensors and plain types only
 
 A checkpoint is written into a temporary sibling directory and renamed into place, so a crash
-during a save leaves the previous checkpoint whole. Nothing is ever unpickled: weights come from
+during a save leaves the previous checkpoint whole. A training run keeps `checkpoint/` as the
+latest, the last K as `checkpoints/step-NNNNNN/` and the best by validation loss as `best/`;
+those copies are hard links to the same (never rewritten) files, so they cost no extra disk. Nothing is ever unpickled: weights come from
 safetensors and the training state is read with `torch.load(weights_only=True)`.
 """
 
@@ -15,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,10 +71,17 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     )
 
 
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the tied head (safetensors refuses shared storage)."""
+def model_state_for_saving(
+    model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """State dict without the tied head (safetensors refuses shared storage).
+
+    `state` replaces `model.state_dict()` when given (a full state gathered from FSDP shards).
+    """
     base = getattr(model, "module", model)  # unwrap DDP
-    state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
+    base = getattr(base, "_orig_mod", base)  # unwrap torch.compile
+    source = state if state is not None else base.state_dict()
+    state = {k: v.detach().contiguous() for k, v in source.items()}
     tied = getattr(getattr(base, "config", None), "tie_embeddings", False)
     if tied and not getattr(base, "num_classes", None):
         state.pop("out_head.weight", None)
@@ -83,18 +95,23 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
     extra_files: dict[str, bytes] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (temp sibling, fsync, rename)."""
+    """Write a checkpoint directory atomically (temp sibling, fsync, rename).
+
+    `weights` overrides the model's own state dict (FSDP: the gathered full state)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
-    old = path.parent / f".{path.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     base = getattr(model, "module", model)
+    base = getattr(base, "_orig_mod", base)
     (tmp / "config.json").write_text(json.dumps(base.config.to_dict(), indent=2) + "\n")
     save_file(
-        model_state_for_saving(base), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        model_state_for_saving(base, weights),
+        str(tmp / "model.safetensors"),
+        metadata={"format": "pt"},
     )
     tokenizer.save(tmp / "tokenizer")
     info = {"format_version": FORMAT_VERSION, "task": "lm", **(meta or {})}
@@ -106,18 +123,106 @@ def save_checkpoint(
     for file in tmp.rglob("*"):
         if file.is_file():
             with open(file, "rb+") as fh:
-                import os
-
                 os.fsync(fh.fileno())
     fsync_dir(tmp)
-    # Swap: the old checkpoint survives until the new one is in place.
+    _test_hook("written")
+    _swap_into_place(tmp, path)
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`; the old `path` survives as `.NAME.old` until the new one is in."""
+    _recover(path)  # an earlier crash mid-swap: its .old copy is the checkpoint to replace
+    old = path.parent / f".{path.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)
+        _test_hook("swapping")
     tmp.rename(path)
     fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
-    return path
+
+
+_saves = {"count": 0}
+
+
+def _test_hook(stage: str) -> None:
+    """Crash injection for the crash-safety tests, off unless the variable is set.
+
+    SCRATCHLLM_TEST_CHECKPOINT_CRASH="STAGE:N" SIGKILLs this process at STAGE ("written": the
+    temporary copy is complete, nothing renamed; "swapping": the old checkpoint has been moved
+    aside, the new one not yet renamed in) of its N-th checkpoint save.
+    SCRATCHLLM_TEST_CHECKPOINT_DELAY=SECONDS sleeps at "written" (slows saves down)."""
+    delay = os.environ.get("SCRATCHLLM_TEST_CHECKPOINT_DELAY")
+    if delay and stage == "written":
+        import time
+
+        time.sleep(float(delay))
+    spec = os.environ.get("SCRATCHLLM_TEST_CHECKPOINT_CRASH")
+    if not spec:
+        return
+    if stage == "written":
+        _saves["count"] += 1
+    want, _, nth = spec.partition(":")
+    if want == stage and _saves["count"] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Make `dst` an atomic copy of checkpoint `src` made of hard links (a real copy where the
+    filesystem has none). Safe because checkpoint files are only ever replaced, never edited."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    fsync_dir(tmp)
+    _swap_into_place(tmp, dst)
+    return dst
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` `step-NNNNNN` snapshots in `directory`; the removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    snaps = sorted(
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if p.is_dir() and (m := _STEP_DIR.match(p.name))
+    )
+    removed = [p for _, p in snaps[: max(0, len(snaps) - keep)]]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def update_meta(dirs: list[Path], changes: dict[str, Any]) -> None:
+    """Merge `changes` into checkpoint.json of each directory, atomically (new file, rename)."""
+    from scratchllm.utils import atomic_write_text
+
+    for d in dirs:
+        if not (d / "checkpoint.json").exists():
+            continue
+        meta = {**read_meta(d), **changes}
+        atomic_write_text(d / "checkpoint.json", json.dumps(meta, indent=2) + "\n")
+
+
+def recover_interrupted_save(path: str | Path) -> None:
+    """Finish a swap that a crash interrupted (for a checkpoint dir or a run dir)."""
+    path = Path(path)
+    _recover(path)
+    _recover(path / "checkpoint")
 
 
 def _recover(path: Path) -> None:
@@ -179,8 +284,7 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load model, tokenizer and metadata; raise `CheckpointError` naming what is wrong."""
     path = Path(path)
-    _recover(path)
-    _recover(path / "checkpoint")
+    recover_interrupted_save(path)
     path = resolve_checkpoint_dir(path)
     for name in REQUIRED:
         if not (path / name).exists():

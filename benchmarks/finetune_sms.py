@@ -1,0 +1,223 @@
+"""Chapter 6 acceptance run: pretrain a small GPT with scratchllm, fine-tune it as an SMS spam
+classifier, and compare with a TF-IDF + logistic-regression baseline on the same split.
+
+    flock /tmp/scratchllm-bench.lock .venv/bin/python benchmarks/finetune_sms.py [--quick]
+
+Steps (all through scratchllm's own trainer):
+  1. pretrain a byte-level GPT (4 layers, 128 wide, context 256) on the shared corpora
+     (Gutenberg novels, WikiText-2 valid, Tiny Shakespeare) for a fixed number of steps;
+  2. fine-tune it on the balanced SMS Spam Collection (70/10/20 split, seeded): all weights;
+  3. the same with LoRA adapters (rank 8) + the head;
+  4. scikit-learn TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression, same split.
+Writes benchmarks/results/finetune_sms.json with accuracies, times (wall and process CPU) and
+parameter counts. The byte tokenizer is used because the 50,257-way GPT-2 head costs ~40x more
+compute per token on a CPU than the whole 4-layer body.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import data_dir, write_result  # noqa: E402
+
+MODEL = dict(context_length=256, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> dict[str, float]:
+        return {
+            "wall_s": round(time.perf_counter() - self.wall, 1),
+            "cpu_s": round(time.process_time() - self.cpu, 1),
+        }
+
+
+def pretrain_step(work: Path, steps: int, seed: int) -> dict:
+    from scratchllm.commands._progress import ProgressCallback
+    from scratchllm.commands.pretrain import PretrainOptions, pretrain
+
+    data = data_dir() / "corpora"
+    (work / "model.json").write_text(json.dumps(MODEL))
+    opts = PretrainOptions(
+        data=[
+            str(data / "gutenberg"),
+            str(data / "wikitext-2" / "valid.txt"),
+            str(data / "tinyshakespeare.txt"),
+        ],
+        model=str(work / "model.json"),
+        tokenizer="bytes",
+        out=str(work / "pretrain"),
+        max_steps=steps,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=min(50, steps // 10),
+        eval_every=steps,
+        eval_batches=10,
+        log_every=10,
+        sampling="random",
+        strip_gutenberg=True,
+        sample_tokens=0,
+        seed=seed,
+        val_fraction=0.02,
+        device="cpu",
+    )
+    clock = Clock()
+    result = pretrain(opts, ProgressCallback(show_samples=False))
+    return {
+        **clock.read(),
+        "steps": result["steps"],
+        "tokens": result["tokens"],
+        "val_loss": result["last_eval"].get("val_loss"),
+        "parameters": result["parameters"],
+    }
+
+
+def finetune_step(work: Path, name: str, epochs: float, seed: int, **kw) -> dict:
+    from scratchllm.commands._progress import ProgressCallback
+    from scratchllm.finetune.classify import ClassifyOptions, finetune_classify
+
+    opts = ClassifyOptions(
+        checkpoint=str(work / "pretrain"),
+        data=str(data_dir() / "sms_spam" / "SMSSpamCollection"),
+        out=str(work / name),
+        epochs=epochs,
+        batch_size=16,
+        balance=True,
+        seed=seed,
+        device="cpu",
+        eval_batches=20,
+        **kw,
+    )
+    clock = Clock()
+    r = finetune_classify(opts, ProgressCallback(show_samples=False))
+    keep = (
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "test_loss",
+        "trainable_parameters",
+        "total_parameters",
+        "train",
+        "lora",
+        "sizes",
+        "confusion_matrix",
+        "truncated",
+    )
+    return {**clock.read(), **{k: r[k] for k in keep if k in r}, "epochs": epochs, **kw}
+
+
+def tfidf_baseline(seed: int) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+
+    from scratchllm.data.classification import balance, load_labeled, split_indices
+
+    data = balance(load_labeled(data_dir() / "sms_spam" / "SMSSpamCollection"), seed)
+    train, val, test = split_indices(len(data), (0.7, 0.1, 0.2), seed)
+    clock = Clock()
+    features = make_union(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True),
+    )
+    clf = make_pipeline(features, LogisticRegression(C=10.0, max_iter=2000))
+    sub = data.subset
+    clf.fit(sub(train).texts, sub(train).labels)
+    acc = {
+        f"{name}_accuracy": float(clf.score(sub(idx).texts, sub(idx).labels))
+        for name, idx in (("train", train), ("val", val), ("test", test))
+    }
+    return {**clock.read(), **acc}
+
+
+def main() -> None:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short pretraining (a smoke run)")
+    p.add_argument("--pretrain-steps", type=int, help="default 700 (quick: 150)")
+    p.add_argument("--epochs", type=float, default=5.0)
+    p.add_argument("--work", default="/tmp/scratchllm-finetune-sms")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--out", help="JSON path (default benchmarks/results/finetune_sms.json)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    p.add_argument(
+        "--reuse-pretrain",
+        action="store_true",
+        help="keep WORK/pretrain from an earlier run (its timing comes from its pretrain.json)",
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help="full fine-tuning learning rate")
+    p.add_argument("--lora-lr", type=float, default=3e-3, help="LoRA learning rate")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout while fine-tuning")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    steps = args.pretrain_steps or (150 if args.quick else 700)
+    work = Path(args.work)
+    if args.reuse_pretrain:
+        for name in ("full", "lora"):
+            shutil.rmtree(work / name, ignore_errors=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    baseline = tfidf_baseline(args.seed)
+    print("tfidf+logreg:", baseline, flush=True)
+    if args.reuse_pretrain:
+        pre = json.loads((work / "pretrain.json").read_text())
+    else:
+        pre = pretrain_step(work, steps, args.seed)
+        (work / "pretrain.json").write_text(json.dumps(pre))
+    print("pretrain:", pre, flush=True)
+    full = finetune_step(
+        work, "full", args.epochs, args.seed, train="all", lr=args.lr, dropout=args.dropout
+    )
+    print("full fine-tuning:", full, flush=True)
+    lora = finetune_step(
+        work,
+        "lora",
+        args.epochs,
+        args.seed,
+        lora_rank=8,
+        lora_alpha=16.0,
+        lr=args.lora_lr,
+        dropout=args.dropout,
+    )
+    print("lora:", lora, flush=True)
+    total = {k: round(pre[k] + full[k], 1) for k in ("wall_s", "cpu_s")}
+    payload = {
+        "quick": args.quick,
+        "reused_pretrain": args.reuse_pretrain,
+        "model": MODEL,
+        "tokenizer": "bytes",
+        "split": f"balanced SMS Spam Collection (747 + 747), 70/10/20, seed {args.seed}",
+        "pretrain": pre,
+        "finetune_full": full,
+        "finetune_lora": lora,
+        "tfidf_logreg": baseline,
+        "pretrain_plus_full_finetune": total,
+        "acceptance": {
+            "test_accuracy_full": full["test_accuracy"],
+            "meets_96": full["test_accuracy"] >= 0.96,
+            "under_15_min_wall": total["wall_s"] < 900,
+        },
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "note": "2-core machine shared with other engineers' work; timings are under the bench lock "
+        "but other (non-benchmark) processes may have been running",
+    }
+    path = write_result("finetune_sms", payload, args.out)
+    print(json.dumps(payload["acceptance"]), "->", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Decode speed: scratchllm's engine vs transformers' `generate`, on the same gpt2-small weights.
+
+Random gpt2-small-shaped weights are saved as a scratchllm checkpoint, exported to a Hugging Face
+folder with `scratchllm.hub.export_hf` and loaded by both libraries (their logits are checked to
+agree first). For batch 1 and 8, fp32 and bf16, it measures decode tokens/s (prefill excluded:
+the time for 1 + N new tokens minus the time for 1), greedy, no early stop:
+
+- scratchllm `Engine.generate` (preallocated per-row KV cache),
+- scratchllm `generate()` without the KV cache (the book's loop, recomputing the prefix),
+- transformers `GPT2LMHeadModel.generate(use_cache=True)`.
+
+It also estimates the memory-bandwidth floor of a decode step: the bytes of weights every step
+must read (plus the KV cache), divided by a measured copy bandwidth. Run it under the bench lock:
+
+    flock /tmp/scratchllm-bench.lock .venv/bin/python benchmarks/inference.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import data_dir, write_result  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str = "cpu", megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (each byte read once and written once)."""
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / min(times)
+
+
+def timed(fn, repeats: int) -> float:
+    """Best wall time of `fn` (each decoder syncs: it reads its tokens back every step)."""
+    fn()  # warm up: allocations, kernels, lazy tables
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def decode_rate(run, batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Tokens/s of decoding alone: (time for 1 + N tokens − time for 1 token)."""
+    t1 = timed(lambda: run(1), repeats)
+    tn = timed(lambda: run(1 + new_tokens), repeats)
+    step = (tn - t1) / new_tokens
+    return {
+        "tokens_per_s": round(batch / step, 2),
+        "ms_per_step": round(step * 1e3, 3),
+        "prefill_ms": round(t1 * 1e3, 2),
+    }
+
+
+def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float) -> dict:
+    """One (dtype, batch) cell: the three decoders and the bandwidth floor."""
+    from scratchllm.engine import SamplingParams
+    from scratchllm.generate import generate
+
+    config = ours.config
+    batch = x.shape[0]
+    rows = x.tolist()
+    elem = next(ours.parameters()).element_size()
+
+    def run_engine(n: int) -> None:
+        engine.generate(rows, SamplingParams(max_tokens=n, stop_ids=()))
+
+    def run_hf(n: int) -> None:
+        with torch.inference_mode():
+            theirs.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=50256,
+            ).cpu()  # wait for the GPU
+
+    def run_nocache(n: int) -> None:
+        with torch.inference_mode():
+            generate(ours, x, n, use_cache=False).cpu()
+
+    # Bytes one decode step reads: every matmul weight once, plus this batch's KV cache.
+    kv_len = args.prompt_len + args.new_tokens // 2
+    kv = 2 * config.n_layers * batch * kv_len * config.emb_dim * elem
+    step_bytes = config.matmul_parameters() * elem + kv
+    floor_s = step_bytes / bandwidth
+    row = {
+        "batch": batch,
+        "bandwidth_floor": {
+            "bytes_per_step": step_bytes,
+            "ms_per_step": round(floor_s * 1e3, 3),
+            "max_tokens_per_s": round(batch / floor_s, 2),
+        },
+        "scratchllm_engine": decode_rate(run_engine, batch, args.new_tokens, args.repeats),
+        "transformers_generate": decode_rate(run_hf, batch, args.new_tokens, args.repeats),
+        "scratchllm_no_kv_cache": decode_rate(run_nocache, batch, max(4, args.new_tokens // 4), 1),
+    }
+    ours_rate = row["scratchllm_engine"]["tokens_per_s"]
+    row["speedup_vs_transformers"] = round(
+        ours_rate / row["transformers_generate"]["tokens_per_s"], 3
+    )
+    row["speedup_vs_no_cache"] = round(ours_rate / row["scratchllm_no_kv_cache"]["tokens_per_s"], 3)
+    row["fraction_of_bandwidth_floor"] = round(
+        ours_rate / row["bandwidth_floor"]["max_tokens_per_s"], 3
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="gpt2-small", help="model shape (gpt-nano: smoke test)")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import GPT2LMHeadModel
+
+    from scratchllm import GPTModel, ModelConfig
+    from scratchllm.engine import Engine
+    from scratchllm.hub import export_hf
+    from scratchllm.tokenizer import load_tokenizer
+    from scratchllm.train.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset(args.preset, drop_rate=0.0, vocab_size=50257)
+    tmp = Path(tempfile.mkdtemp(prefix="scratchllm-bench-"))
+    tokenizer = load_tokenizer(f"gpt2:{data_dir() / 'gpt2'}")
+    save_checkpoint(tmp / "ours", GPTModel(config), tokenizer)
+    export_hf(tmp / "ours", tmp / "hf")
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts = torch.randint(0, 50000, (max(batches), args.prompt_len), generator=gen)
+    prompts = prompts.to(args.device)
+    bandwidth = copy_bandwidth(args.device)
+    results: list[dict] = []
+    parity: dict[str, float] = {}
+
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        ours = load_checkpoint(tmp / "ours", args.device, dtype).model.eval()
+        theirs = GPT2LMHeadModel.from_pretrained(tmp / "hf", dtype=dtype).to(args.device).eval()
+        with torch.inference_mode():
+            a = ours(prompts[:1]).float()
+            b = theirs(prompts[:1]).logits.float()
+        parity[dtype_name] = float((a - b).abs().max())
+        engine = Engine(ours, tokenizer, max_batch=max(batches))
+        for batch in batches:
+            row = {
+                "dtype": dtype_name,
+                **measure(ours, theirs, engine, prompts[:batch], args, bandwidth),
+            }
+            results.append(row)
+            ours_rate = row["scratchllm_engine"]["tokens_per_s"]
+            print(
+                f"{dtype_name:9s} batch {batch}: scratchllm {ours_rate:8.1f} tok/s | "
+                f"transformers {row['transformers_generate']['tokens_per_s']:8.1f} | "
+                f"no cache {row['scratchllm_no_kv_cache']['tokens_per_s']:7.1f} | "
+                f"floor {row['bandwidth_floor']['max_tokens_per_s']:8.1f} "
+                f"({row['fraction_of_bandwidth_floor']:.0%})",
+                flush=True,
+            )
+
+    import transformers
+
+    payload = {
+        "model": f"{args.preset} shape, random weights, greedy, no early stop",
+        "parameters": config.matmul_parameters(),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "transformers": transformers.__version__,
+        "device": args.device,
+        "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
+        "logit_max_abs_diff_vs_transformers": parity,
+        "results": results,
+        "median_speedup_vs_transformers": statistics.median(
+            r["speedup_vs_transformers"] for r in results
+        ),
+        "note": "the machine is shared; other work may have been running during the timings",
+    }
+    print("wrote", write_result("inference", payload, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""`scratchllm serve`: an OpenAI-compatible HTTP server (and a web chat page) for a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "serve a checkpoint over an OpenAI-compatible HTTP API"
+DESCRIPTION = """Serve a checkpoint: /v1/models, /v1/completions, /v1/chat/completions (with
+stream: true), /health, and a chat page at /. Concurrent requests are batched.
+
+examples:
+  scratchllm serve --checkpoint runs/quickstart
+  scratchllm serve --checkpoint models/qwen3 --port 8080 --api-key sekret --max-batch 16
+  then: curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+          -d '{"prompt": "Once upon a time", "max_tokens": 20}'
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--model-name", default=None, help="model id in the API (default: dir name)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens allowed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from scratchllm.engine import Engine
+    from scratchllm.errors import InputError
+    from scratchllm.serve import serve
+    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.utils import parse_dtype, pick_device
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_batch < 1:
+        raise InputError(f"--max-batch must be ≥ 1, got {args.max_batch}")
+    ckpt = load_checkpoint(args.checkpoint, pick_device(args.device), parse_dtype(args.dtype))
+    name = args.model_name or ckpt.path.resolve().name
+    if name == "checkpoint":  # a run directory: name the model after the run
+        name = ckpt.path.resolve().parent.name
+    engine = Engine(ckpt.model, ckpt.tokenizer, args.max_batch, args.max_tokens)
+    print(f"serving {name!r} on http://{args.host}:{args.port} (chat page at /)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print("warning: listening beyond this machine without --api-key", file=sys.stderr)
+    serve(engine, args.host, args.port, name, args.api_key)
+    return 0

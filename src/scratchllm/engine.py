@@ -1,0 +1,661 @@
+"""The inference engine: batched decoding over a per-row KV cache, streaming, stop conditions.
+
+One `Engine` serves many requests at once (continuous batching): every `step()` runs one decode
+step over all active sequences, then prefills newly arrived prompts together (right-padded, one
+forward pass) and merges them into the running batch; finished or cancelled rows leave it. The
+same step drives offline batched generation (`generate`), single-prompt streaming (`stream`) and
+the HTTP server (a background thread started with `start()`).
+
+Per sequence: its own stop ids, stop strings (cut exactly, never streamed in part), token limit,
+sampling settings and seeded `torch.Generator`; `n` samples of one prompt share one prefill. Text
+is decoded incrementally as UTF-8, so a stream never splits a multi-byte character. Tokens are
+drawn by the one sampler in `scratchllm.generate`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from scratchllm.errors import InputError
+from scratchllm.generate import apply_repetition_penalty, sample_next
+from scratchllm.model.attention import BatchKVCache
+from scratchllm.model.gpt import GPTModel
+from scratchllm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# The book's instruction format (ch. 7, Alpaca), used when a tokenizer has no chat template.
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+ALPACA_STOPS = ("\n\n### Instruction:", "\n\n### Input:", "\n\n### Response:")
+# Room reserved beyond the prompt when a batch's cache is first allocated; it doubles as needed.
+_CACHE_HEADROOM = 128
+
+
+@dataclass
+class SamplingParams:
+    """How to continue one prompt. Temperature 0 is greedy."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's end-of-text ids
+    n: int = 1  # samples of the same prompt (they share one prefill)
+
+    def validate(self) -> None:
+        """Raise `InputError` naming the first setting out of range."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be ≥ 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise InputError(f"top_k must be ≥ 0, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise InputError(f"n must be a positive integer, got {self.n!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InputError("stop: every stop string must be a non-empty string")
+
+
+@dataclass
+class Completion:
+    """One finished sample: its text (cut at a stop string), token ids and why it ended."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (stop id or stop string) | "length" | "cancelled"
+
+
+@dataclass
+class Event:
+    """A streamed piece of sample `index`; the last piece of a sample carries `finish_reason`."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+_request_ids = itertools.count()
+
+
+class Request:
+    """A prompt in the engine. Events reach `on_event` from the stepping thread; `None` last."""
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_event: Callable[[Event | None], Any] | None = None,
+    ) -> None:
+        self.id = next(_request_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.on_event = on_event
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.completions: list[Completion | None] = [None] * params.n
+        self.done = threading.Event()
+        self._open = params.n
+
+    def cancel(self) -> None:
+        """Stop generating for this request; its rows leave the batch at the next step."""
+        self.cancelled = True
+
+    def _send(self, event: Event | None) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception:  # a consumer that went away (closed event loop): stop working for it
+            log.debug("request %d: event consumer failed; cancelling", self.id, exc_info=True)
+            self.cancelled = True
+
+    def _complete(self, completion: Completion) -> None:
+        self.completions[completion.index] = completion
+        self._open -= 1
+        if self._open == 0:
+            self._finish()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done.set()
+        self._send(None)
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+class _Sequence:
+    """One sample being generated: its tokens, text, and what has been streamed of it."""
+
+    def __init__(
+        self,
+        request: Request,
+        index: int,
+        tokenizer: Tokenizer,
+        stop_ids: frozenset[int],
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        self.request, self.index, self.tokenizer = request, index, tokenizer
+        self.params = request.params
+        self.stop_ids = stop_ids
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of `text` already streamed
+        self.unsent_ids: list[int] = []
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        if self.params.seed is not None and self.params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.params.seed + index)
+        self.seen: torch.Tensor | None = None
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(request.prompt_ids, device=device)] = True
+
+    @property
+    def greedy_plain(self) -> bool:
+        return self.params.temperature == 0 and self.seen is None
+
+    def push(self, token: int) -> None:
+        """Take the next token: stop on a stop id, a stop string or the token limit."""
+        if token in self.stop_ids:
+            self._end("stop", self.decoder.decode(b"", final=True))
+            return
+        self.tokens.append(token)
+        self.unsent_ids.append(token)
+        if self.seen is not None:
+            self.seen[token] = True
+        piece = self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        if len(self.tokens) >= self.params.max_tokens:
+            self._add(piece + self.decoder.decode(b"", final=True))
+            if self.finish_reason is None:
+                self._end("length", "")
+            return
+        self._add(piece)
+        if self.finish_reason is None:
+            self._flush()
+
+    def cancel(self) -> None:
+        self.finish_reason = "cancelled"
+        self._complete()
+
+    def _add(self, piece: str) -> None:
+        if not piece:
+            return
+        start = len(self.text)
+        self.text += piece
+        cut = None
+        for stop in self.params.stop:
+            pos = self.text.find(stop, max(0, start - len(stop) + 1))
+            if pos != -1 and (cut is None or pos < cut):
+                cut = pos
+        if cut is not None:
+            self.text = self.text[:cut]
+            self._end("stop", "")
+
+    def _end(self, reason: str, tail: str) -> None:
+        if tail:
+            self._add(tail)
+            if self.finish_reason is not None:  # the tail completed a stop string
+                return
+        self.finish_reason = reason
+        self._flush()
+        self._complete()
+
+    def _flush(self) -> None:
+        end = len(self.text)
+        if self.finish_reason is None:
+            end -= _holdback(self.text, self.params.stop)
+        delta = self.text[self.sent : end]
+        if delta or self.finish_reason is not None:
+            self.request._send(Event(self.index, delta, self.unsent_ids, self.finish_reason))
+            self.sent, self.unsent_ids = end, []
+
+    def _complete(self) -> None:
+        self.request._complete(
+            Completion(self.index, self.text, list(self.tokens), self.finish_reason or "stop")
+        )
+
+
+def default_stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """End-of-text ids: the tokenizer's `stop_ids` (chat models) and its end-of-text token."""
+    ids = set(getattr(tokenizer, "stop_ids", None) or ())
+    eot = tokenizer.special_tokens.get(tokenizer.eot_token)
+    if eot is not None:
+        ids.add(eot)
+    return frozenset(ids)
+
+
+def has_chat_template(tokenizer: Tokenizer) -> bool:
+    return bool(getattr(tokenizer, "has_chat_template", False))
+
+
+def alpaca_prompt(messages: Sequence[dict[str, Any]]) -> str:
+    """The book's instruction format for a conversation (a system message replaces the preamble).
+
+    Each user turn is an `### Instruction:`, each assistant turn a `### Response:`; the text ends
+    with an open `### Response:` for the model to fill.
+    """
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    text = system[0] if system else ALPACA_PREAMBLE
+    for m in messages:
+        if m["role"] == "user":
+            text += f"\n\n### Instruction:\n{m['content']}"
+        elif m["role"] == "assistant":
+            text += f"\n\n### Response:\n{m['content']}"
+    return text + "\n\n### Response:\n"
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """A chat as a list of {"role": system|user|assistant, "content": str}; else `InputError`."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError("messages: expected a non-empty list of {'role', 'content'} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise InputError(f"messages[{i}]: role must be 'system', 'user' or 'assistant'")
+        if not isinstance(m.get("content"), str):
+            raise InputError(f"messages[{i}]: content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def chat_prompt(
+    tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
+) -> tuple[list[int], tuple[str, ...]]:
+    """Prompt ids for a conversation and the stop strings its template needs.
+
+    The checkpoint's own chat template when it has one, else the book's Alpaca format, in which
+    user text is encoded as plain text (a special token typed by a user stays text).
+    """
+    messages = check_messages(list(messages))
+    if has_chat_template(tokenizer):
+        return tokenizer.encode_chat(messages, add_generation_prompt=True), ()
+    return tokenizer.encode_ordinary(alpaca_prompt(messages)), ALPACA_STOPS
+
+
+class Engine:
+    """Batched generation over one model; see the module docstring."""
+
+    def __init__(
+        self, model: GPTModel, tokenizer: Tokenizer, max_batch: int = 8, max_tokens: int = 4096
+    ) -> None:
+        if max_batch < 1:
+            raise InputError(f"max_batch must be ≥ 1, got {max_batch}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.context_length = model.config.context_length
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens  # the most tokens one request may ask for
+        self.stop_ids = default_stop_ids(tokenizer)
+        self._cond = threading.Condition()
+        self._pending: deque[Request] = deque()
+        self._step_lock = threading.Lock()
+        self._active: list[_Sequence] = []
+        self._cache: BatchKVCache | None = None
+        self._last: torch.Tensor | None = None  # (B,) the token each active row feeds next
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.peak_batch = 0  # most rows decoded together so far (a batching witness)
+        self.cancelled = 0  # rows dropped because their request was cancelled
+
+    # -- prompts -------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, allow_special=True)
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise `InputError` if the prompt and its settings cannot run on this model."""
+        params.validate()
+        if not prompt_ids:
+            raise InputError("prompt is empty: give at least one token")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.context_length:
+            raise InputError(
+                f"this model's context length is {self.context_length} tokens, but "
+                f"{total} were requested ({len(prompt_ids)} in the prompt, {params.max_tokens} "
+                "for the completion); shorten the prompt or lower max_tokens"
+            )
+        if params.max_tokens > self.max_tokens:
+            raise InputError(f"max_tokens {params.max_tokens} exceeds the limit {self.max_tokens}")
+        bad = [i for i in prompt_ids if not 0 <= int(i) < self.config.vocab_size]
+        if bad:
+            raise InputError(f"prompt token id {bad[0]} is outside the vocabulary")
+
+    # -- submitting and running ----------------------------------------------------------------
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_event: Callable[[Event | None], Any] | None = None,
+    ) -> Request:
+        """Queue a prompt; it joins the running batch at the next step."""
+        self.check(prompt_ids, params)
+        request = Request(prompt_ids, params, on_event)
+        with self._cond:
+            self._pending.append(request)
+            self._cond.notify()
+        return request
+
+    def generate(
+        self, prompts: Sequence[Sequence[int] | str], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """Complete every prompt (batched); returns each prompt's `n` completions."""
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for p in ids:
+            self.check(p, params)
+        requests = [self.submit(p, params) for p in ids]
+        self._wait(requests)
+        return [[c for c in r.completions if c is not None] for r in requests]
+
+    def stream(self, prompt: Sequence[int] | str, params: SamplingParams) -> Iterator[Event]:
+        """Yield the pieces of a prompt's completion(s) as they are generated."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        request = self.submit(ids, params, events.put)
+        try:
+            while True:
+                if not self.running:
+                    while events.empty():
+                        self.step()
+                event = events.get()
+                if event is None:
+                    break
+                yield event
+            if request.error is not None:
+                raise request.error
+        finally:
+            request.cancel()
+
+    def _wait(self, requests: Sequence[Request]) -> None:
+        for request in requests:
+            while not request.done.is_set():
+                if self.running:
+                    request.done.wait()
+                else:
+                    self.step()
+            if request.error is not None:
+                raise request.error
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Run steps in a background thread whenever there is work (for the server)."""
+        if self.running:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="scratchllm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # keep serving others: fail only the requests in flight
+                log.exception("engine step failed")
+                self._fail_all(exc)
+        self._fail_all(RuntimeError("the engine stopped"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._step_lock:
+            requests = {s.request.id: s.request for s in self._active}
+            with self._cond:
+                requests.update({r.id: r for r in self._pending})
+                self._pending.clear()
+            self._active, self._cache, self._last = [], None, None
+        for request in requests.values():
+            request._fail(exc)
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {
+            "active": len(self._active),
+            "pending": len(self._pending),
+            "steps": self.steps,
+            "cancelled": self.cancelled,
+        }
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Decode one token for every active row, then admit waiting prompts. True if work is left."""
+        with self._step_lock:
+            self._drop_cancelled()
+            if self._active:
+                self._decode()
+            self._admit()
+            self.steps += 1
+            return bool(self._active or self._pending)
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for i, seq in enumerate(self._active):
+            if seq.request.cancelled:
+                seq.cancel()
+                self.cancelled += 1
+            else:
+                keep.append(i)
+        self._keep(keep)
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self._active):
+            return
+        self._active = [self._active[i] for i in rows]
+        if not rows:
+            self._cache, self._last = None, None
+            return
+        assert self._cache is not None and self._last is not None
+        self._cache.select(rows)
+        self._last = self._last[torch.tensor(rows, device=self.device)]
+
+    def _decode(self) -> None:
+        cache, last = self._cache, self._last
+        assert cache is not None and last is not None
+        cache.reserve(cache.length + 1)
+        self.peak_batch = max(self.peak_batch, len(self._active))
+        logits = self.model(
+            last[:, None], cache=cache, positions=cache.positions(), attn_mask=cache.decode_mask()
+        )[:, -1]
+        tokens = self._sample(logits, self._active)
+        self._last = torch.tensor(tokens, device=self.device)
+        keep = [
+            i
+            for i, (seq, t) in enumerate(zip(self._active, tokens, strict=True))
+            if self._accept(seq, t)
+        ]
+        self._keep(keep)
+
+    def _admit(self) -> None:
+        new: list[Request] = []
+        with self._cond:
+            free = self.max_batch - len(self._active)
+            while self._pending:
+                request = self._pending[0]
+                if request.cancelled:
+                    self._pending.popleft()
+                    request._finish()
+                    continue
+                fits = request.params.n <= free or (not self._active and not new)
+                if not fits:
+                    break
+                new.append(self._pending.popleft())
+                free -= request.params.n
+        if not new:
+            return
+        try:
+            self._prefill(new)
+        except Exception as exc:
+            for request in new:
+                request._fail(exc)
+            raise
+
+    def _prefill(self, requests: list[Request]) -> None:
+        # Right-padded: every row starts at position 0, so causal attention is all it needs.
+        lengths = [len(r.prompt_ids) for r in requests]
+        width = max(lengths)
+        idx = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, request in enumerate(requests):
+            idx[row, : lengths[row]] = torch.tensor(request.prompt_ids)
+        need = max(n + r.params.max_tokens for n, r in zip(lengths, requests, strict=True))
+        capacity = min(need, width + _CACHE_HEADROOM)
+        cache = BatchKVCache(self.config, len(requests), capacity, self.device, self.dtype)
+        hidden = self.model(idx.to(self.device), cache=cache, return_hidden=True)
+        last = hidden[torch.arange(len(requests)), torch.tensor(lengths) - 1]
+        logits = self.model.out_head(last)
+        cache.set_lengths(lengths)
+        # n samples of one prompt: fork its cache row n times instead of prefilling it n times.
+        rows = [row for row, r in enumerate(requests) for _ in range(r.params.n)]
+        if len(rows) != len(requests):
+            cache.select(rows)
+            logits = logits[torch.tensor(rows, device=self.device)]
+        seqs = [
+            _Sequence(
+                r,
+                j,
+                self.tokenizer,
+                frozenset(r.params.stop_ids) if r.params.stop_ids is not None else self.stop_ids,
+                self.config.vocab_size,
+                self.device,
+            )
+            for r in requests
+            for j in range(r.params.n)
+        ]
+        tokens = self._sample(logits, seqs)
+        keep = [
+            i for i, (seq, t) in enumerate(zip(seqs, tokens, strict=True)) if self._accept(seq, t)
+        ]
+        if not keep:
+            return
+        if len(keep) != len(seqs):
+            cache.select(keep)
+        last_tokens = torch.tensor([tokens[i] for i in keep], device=self.device)
+        if self._cache is None:
+            self._cache, self._last = cache, last_tokens
+        else:
+            assert self._last is not None
+            self._cache.merge(cache)
+            self._last = torch.cat([self._last, last_tokens])
+        self._active.extend(seqs[i] for i in keep)
+
+    def _sample(self, logits: torch.Tensor, seqs: Sequence[_Sequence]) -> list[int]:
+        if all(s.greedy_plain for s in seqs):
+            return torch.argmax(logits, dim=-1).tolist()
+        out = []
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            scores = logits[row : row + 1]
+            if seq.seen is not None:
+                scores = apply_repetition_penalty(scores, seq.seen[None], p.repetition_penalty)
+            out.append(sample_next(scores, p.temperature, p.top_k, p.top_p, seq.generator))
+        return torch.cat(out).tolist()
+
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Give `token` to its sequence; False when the sequence is done."""
+        if seq.request.cancelled:
+            seq.cancel()
+            self.cancelled += 1
+            return False
+        seq.push(token)
+        return seq.finish_reason is None
+
+
+@dataclass
+class ChatSession:
+    """A conversation that keeps its history within the context window (the `chat` command)."""
+
+    engine: Engine
+    params: SamplingParams
+    system: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def prompt(self, user: str) -> tuple[list[int], tuple[str, ...], int]:
+        """Prompt ids for the history plus `user`, dropping the oldest turns until it fits.
+
+        Returns (ids, stop strings, turns dropped); `InputError` if even the new message alone
+        leaves no room for `params.max_tokens`.
+        """
+        room = self.engine.context_length - self.params.max_tokens
+        dropped = 0
+        while True:
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+                *self.history[2 * dropped :],
+                {"role": "user", "content": user},
+            ]
+            ids, stops = chat_prompt(self.engine.tokenizer, messages)
+            if len(ids) <= room:
+                return ids, stops, dropped
+            if 2 * dropped >= len(self.history):
+                raise InputError(
+                    f"message of {len(ids)} prompt tokens leaves no room for {self.params.max_tokens} "
+                    f"new tokens in the context of {self.engine.context_length}"
+                )
+            dropped += 1
+
+    def send(self, user: str) -> Iterator[str]:
+        """Stream the reply to `user` and add both to the history."""
+        ids, stops, dropped = self.prompt(user)
+        if dropped:
+            self.history = self.history[2 * dropped :]
+        params = SamplingParams(**{**self.params.__dict__, "stop": (*self.params.stop, *stops)})
+        reply = ""
+        for event in self.engine.stream(ids, params):
+            reply += event.text
+            yield event.text
+        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]

@@ -1,0 +1,223 @@
+"""Fine-tuning tasks (ch. 6, ch. 7, appendix E): each adds data, a head or a loss to the one Trainer.
+
+  classify.py    a `num_classes` head on the last real token's hidden state
+  instruct.py    Alpaca-style instruction data, masked next-token loss, responses for the test split
+  preference.py  DPO against a frozen reference model
+  judge.py       scores responses through an OpenAI-compatible chat endpoint
+
+This module holds what the tasks share: options, choosing what trains, LoRA bookkeeping, saving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchllm.errors import InputError
+from scratchllm.utils import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneOptions:
+    """Options every fine-tuning task takes (the CLI flags of `scratchllm finetune`)."""
+
+    checkpoint: str
+    data: str
+    out: str
+    epochs: float = 3.0
+    batch_size: int = 8
+    lr: float = 5e-5
+    seed: int = 123
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 16.0
+    lora_targets: str = "attn,ff"
+    train: str | None = None  # head | last-N | all; None: the task's default
+    device: str = "auto"
+    weight_decay: float = 0.1
+    eval_batches: int = 50
+    max_length: int | None = None  # tokens per example; default: the model's context length
+    grad_clip: float = 1.0
+    warmup_steps: int | None = None
+    dropout: float | None = None  # override the checkpoint's dropout rate
+
+    def validate(self) -> None:
+        if self.lora_rank < 0:
+            raise InputError(f"--lora-rank must be ≥ 0, got {self.lora_rank}")
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise InputError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.max_length is not None and self.max_length < 2:
+            raise InputError(f"--max-length must be ≥ 2, got {self.max_length}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise InputError(f"--epochs must be > 0, got {self.epochs}")
+
+
+def select_trainable(model: torch.nn.Module, spec: str) -> None:
+    """'all', 'head' (the output head only) or 'last-N' (last N blocks + final norm + head)."""
+    for p in model.parameters():
+        p.requires_grad_(spec == "all")
+    if spec == "all":
+        return
+    parts: list[torch.nn.Module] = [model.out_head]
+    if spec.startswith("last-"):
+        try:
+            n = int(spec[5:])
+        except ValueError:
+            n = -1
+        if not 1 <= n <= len(model.trf_blocks):
+            raise InputError(
+                f"--train {spec}: N must be 1..{len(model.trf_blocks)} (the model's blocks)"
+            )
+        parts += [model.final_norm, *list(model.trf_blocks)[-n:]]
+    elif spec != "head":
+        raise InputError(f"--train {spec!r}: expected head, last-N (e.g. last-2) or all")
+    for part in parts:
+        for p in part.parameters():
+            p.requires_grad_(True)
+
+
+def prepare_model(
+    model: torch.nn.Module, opts: FinetuneOptions, default_train: str, head: tuple[str, ...]
+) -> dict[str, Any]:
+    """Apply LoRA or the --train selection; return a description for results.json."""
+    from scratchllm.model.lora import apply_lora, parameter_counts
+
+    info: dict[str, Any] = {}
+    if opts.lora_rank:
+        wrapped = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_targets, head)
+        info["lora"] = {
+            "rank": opts.lora_rank,
+            "alpha": opts.lora_alpha,
+            "targets": opts.lora_targets,
+            "layers": len(wrapped),
+        }
+        info["train"] = "lora" + ("+head" if head else "")
+    else:
+        spec = opts.train or default_train
+        select_trainable(model, spec)
+        info["train"] = spec
+    counts = parameter_counts(model)
+    info["trainable_parameters"] = counts["trainable"]
+    info["total_parameters"] = counts["total"]
+    if counts["trainable"] == 0:
+        raise InputError("nothing to train: the --train selection left no trainable parameter")
+    log.info("trainable parameters: %s of %s", f"{counts['trainable']:,}", f"{counts['total']:,}")
+    return info
+
+
+def set_dropout(model: torch.nn.Module, rate: float) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        if hasattr(module, "dropout") and isinstance(module.dropout, float):
+            module.dropout = rate
+
+
+def save_final(
+    model: torch.nn.Module,
+    tokenizer,
+    out: Path,
+    meta: dict[str, Any],
+    base_checkpoint: str,
+) -> Path:
+    """After training with LoRA: save the adapters alone (out/adapters/), then merge them and save
+    a standard checkpoint (with the adapters kept as extra files) over the trainer's one."""
+    from safetensors.torch import save as save_tensors
+
+    from scratchllm.model.lora import adapter_state_dict, has_lora, merge_lora
+    from scratchllm.train.checkpoint import save_checkpoint
+
+    if not has_lora(model):
+        return out / "checkpoint"
+    blob = save_tensors(adapter_state_dict(model), metadata={"format": "pt"})
+    first = next(m for m in model.modules() if m.__class__.__name__ == "LoRALinear")
+    spec = {
+        "base_checkpoint": str(Path(base_checkpoint).resolve()),
+        "rank": first.rank,
+        "alpha": first.alpha,
+        "targets": meta.get("lora", {}).get("targets", "attn,ff"),
+        "meta": {k: v for k, v in meta.items() if k != "lora"},
+    }
+    spec_text = json.dumps(spec, indent=2) + "\n"
+    atomic_write_bytes(out / "adapters" / "adapters.safetensors", blob)
+    atomic_write_text(out / "adapters" / "lora.json", spec_text)
+    merge_lora(model)
+    extra = {"adapters.safetensors": blob, "lora.json": spec_text.encode()}
+    return save_checkpoint(out / "checkpoint", model, tokenizer, meta, None, extra)
+
+
+def load_with_adapters(adapters_dir: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild an unmerged LoRA model: the base checkpoint named in lora.json plus the adapters."""
+    from safetensors.torch import load_file
+
+    from scratchllm.model.lora import apply_lora, load_adapter_state_dict
+    from scratchllm.train.checkpoint import load_checkpoint
+
+    adapters_dir = Path(adapters_dir)
+    spec_path = adapters_dir / "lora.json"
+    if not spec_path.exists():
+        raise InputError(f"{adapters_dir}: lora.json is missing; expected an adapters directory")
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    ckpt = load_checkpoint(spec["base_checkpoint"], device=device)
+    model = ckpt.model
+    meta = spec.get("meta", {})
+    head: tuple[str, ...] = ()
+    if meta.get("num_classes"):
+        model.set_classification_head(int(meta["num_classes"]))
+        head = ("out_head",)
+    apply_lora(model, int(spec["rank"]), float(spec["alpha"]), spec["targets"], head)
+    state = load_file(str(adapters_dir / "adapters.safetensors"))
+    load_adapter_state_dict(model, state, str(adapters_dir / "adapters.safetensors"))
+    model.eval()
+    return model, ckpt.tokenizer, meta
+
+
+def plot_eval_metrics(
+    records: list[dict[str, Any]], keys: list[str], path: Path, ylabel: str, title: str = ""
+) -> None:
+    """Eval metrics (accuracy, reward margin, ...) against step, one line per key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scratchllm.utils import atomic_write
+
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in evals if key in r and math.isfinite(r[key])]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "-o", markersize=3, label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_results(out: Path, results: dict[str, Any]) -> Path:
+    path = out / "results.json"
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def epoch_history(records: list[dict[str, Any]], steps_per_epoch: int) -> list[dict[str, Any]]:
+    """Eval records of metrics.jsonl with the epoch each one closed."""
+    out = []
+    for r in records:
+        if r.get("kind") == "eval":
+            row = {k: v for k, v in r.items() if k not in ("kind", "sample")}
+            row["epoch"] = round(r["step"] / max(steps_per_epoch, 1), 3)
+            out.append(row)
+    return out

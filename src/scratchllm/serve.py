@@ -1,0 +1,448 @@
+"""An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn).
+
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both stream as
+server-sent events with `stream: true`, ending with `data: [DONE]`), `GET /health`, and `GET /`,
+a self-contained chat page. Requests are batched by the engine's background thread; a streaming
+client that disconnects cancels its request, which frees its rows at the next step. Errors use
+OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scratchllm.engine import Completion, Engine, Event, SamplingParams, chat_prompt
+from scratchllm.errors import InputError
+
+log = logging.getLogger(__name__)
+DEFAULT_CHAT_MAX_TOKENS = 512
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = (
+            status,
+            message,
+            param,
+            code,
+            type_,
+        )
+
+
+def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class _Sampling(BaseModel):
+    """Settings shared by both generation routes; unknown fields are ignored as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream_options: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = 16
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage]
+
+
+def _stops(value: str | list[str] | None) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if len(stops) > 4:
+        raise APIError(400, "stop: at most 4 stop strings", "stop")
+    if any(not s for s in stops):
+        raise APIError(400, "stop: stop strings must be non-empty", "stop")
+    return tuple(stops)
+
+
+def create_app(
+    engine: Engine, model_name: str = "scratchllm", api_key: str | None = None
+) -> FastAPI:
+    """The ASGI app. Starts the engine's background thread on startup and stops it on shutdown."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        owner = not engine.running  # an engine shared with another app keeps running
+        engine.start()
+        try:
+            yield
+        finally:
+            if owner:
+                engine.stop()
+
+    app = FastAPI(title="scratchllm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    created = int(time.time())
+    context = engine.context_length
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+            param = None
+        elif first.get("type") == "missing" and not loc:
+            message = "request body is missing: expected a JSON object"
+        else:
+            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(
+            error_body(message.strip(), "invalid_request_error", param, None), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(exc.detail), kind, None, None), status_code=exc.status_code
+        )
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(given.encode(), api_key.encode()):
+                return JSONResponse(
+                    error_body(
+                        "missing or incorrect API key: send 'Authorization: Bearer KEY'",
+                        "invalid_request_error",
+                        None,
+                        "invalid_api_key",
+                    ),
+                    status_code=401,
+                )
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {model_name!r}",
+                "model",
+                "model_not_found",
+            )
+
+    def sampling(body: _Sampling, prompt_len: int, default_max: int | None) -> SamplingParams:
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(default_max or DEFAULT_CHAT_MAX_TOKENS, context - prompt_len))
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens must be ≥ 1, got {max_tokens}", "max_tokens")
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=_stops(body.stop),
+            n=body.n,
+        )
+        return params
+
+    def submit(ids: list[int], params: SamplingParams, on_event=None):
+        try:
+            return engine.submit(ids, params, on_event)
+        except InputError as exc:
+            message = str(exc)
+            param = "max_tokens" if "max_tokens" in message else None
+            code = "context_length_exceeded" if "context length" in message else None
+            raise APIError(400, message, param, code) from None
+
+    async def run(ids: list[int], params: SamplingParams) -> list[Completion]:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def on_event(event: Event | None) -> None:
+            if event is None:
+                loop.call_soon_threadsafe(done.set)
+
+        request = submit(ids, params, on_event)
+        try:
+            await done.wait()
+        finally:
+            request.cancel()
+        if request.error is not None:
+            raise APIError(500, f"generation failed: {request.error}", None, None, "server_error")
+        return [c for c in request.completions if c is not None]
+
+    async def events(ids: list[int], params: SamplingParams) -> AsyncIterator[Event | None]:
+        """The request's events; leaving early (client gone) cancels it."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event | None] = asyncio.Queue()
+        request = submit(ids, params, lambda e: loop.call_soon_threadsafe(q.put_nowait, e))
+
+        async def gen() -> AsyncIterator[Event | None]:
+            try:
+                while True:
+                    event = await q.get()
+                    if event is None:
+                        if request.error is not None:
+                            raise RuntimeError(str(request.error))
+                        return
+                    yield event
+            finally:
+                request.cancel()
+
+        return gen()
+
+    def usage(prompt: int, completions: list[Completion]) -> dict[str, int]:
+        n = sum(len(c.token_ids) for c in completions)
+        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+
+    def sse(payload: dict[str, Any] | str) -> str:
+        data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+        return f"data: {data}\n\n"
+
+    # -- routes --------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **engine.load}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        page = resources.files("scratchllm").joinpath("static/chat.html").read_text("utf-8")
+        return HTMLResponse(page)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "scratchllm",
+            "context_length": context,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name}")
+    async def model_card(name: str) -> dict[str, Any]:
+        check_model(name)
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "scratchllm"}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or (len(prompts) > 1 and body.stream):
+            raise APIError(400, "prompt: give one prompt (a list only without stream)", "prompt")
+        encoded = []
+        for text in prompts:
+            try:
+                ids = engine.encode(text)
+            except InputError as exc:
+                raise APIError(400, f"prompt: {exc}", "prompt") from None
+            if not ids:
+                raise APIError(400, "prompt: empty prompt; give some text", "prompt")
+            encoded.append(ids)
+        rid = f"cmpl-{secrets.token_hex(12)}"
+        head = {"id": rid, "object": "text_completion", "created": int(time.time())}
+        head["model"] = model_name
+        if body.stream:
+            params = sampling(body, len(encoded[0]), 16)
+            stream = await events(encoded[0], params)
+            echo = prompts[0] if body.echo else ""
+
+            async def body_iter() -> AsyncIterator[str]:
+                sent_echo = set()
+                async for e in stream:
+                    text = e.text
+                    if echo and e.index not in sent_echo:
+                        text, _ = echo + text, sent_echo.add(e.index)
+                    choice = {"index": e.index, "text": text, "logprobs": None}
+                    choice["finish_reason"] = e.finish_reason
+                    yield sse({**head, "choices": [choice]})
+                yield sse("[DONE]")
+
+            return StreamingResponse(body_iter(), media_type="text/event-stream")
+        choices, total_usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        params_list = [sampling(body, len(ids), 16) for ids in encoded]
+        results = await asyncio.gather(
+            *(run(ids, p) for ids, p in zip(encoded, params_list, strict=True))
+        )
+        for i, (text, ids, done) in enumerate(zip(prompts, encoded, results, strict=True)):
+            for c in done:
+                choices.append(
+                    {
+                        "index": i * body.n + c.index,
+                        "text": (text if body.echo else "") + c.text,
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            for k, v in usage(len(ids), done).items():
+                total_usage[k] += v
+        return {**head, "choices": choices, "usage": total_usage}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        check_model(body.model)
+        if not body.messages:
+            raise APIError(400, "messages: give at least one message", "messages")
+        try:
+            ids, template_stops = chat_prompt(
+                engine.tokenizer, [m.model_dump() for m in body.messages]
+            )
+        except InputError as exc:
+            raise APIError(400, str(exc), "messages") from None
+        params = sampling(body, len(ids), None)
+        params.stop = (*params.stop, *template_stops)
+        rid = f"chatcmpl-{secrets.token_hex(12)}"
+        head = {"id": rid, "object": "chat.completion", "created": int(time.time())}
+        head["model"] = model_name
+        if body.stream:
+            stream = await events(ids, params)
+            chunk = {**head, "object": "chat.completion.chunk"}
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+            async def body_iter() -> AsyncIterator[str]:
+                for i in range(params.n):
+                    delta = {"role": "assistant", "content": ""}
+                    choice = {"index": i, "delta": delta, "finish_reason": None}
+                    yield sse({**chunk, "choices": [choice]})
+                produced = 0
+                async for e in stream:
+                    produced += len(e.token_ids)
+                    if e.text:
+                        choice = {"index": e.index, "delta": {"content": e.text}}
+                        choice["finish_reason"] = None
+                        yield sse({**chunk, "choices": [choice]})
+                    if e.finish_reason is not None:
+                        choice = {"index": e.index, "delta": {}}
+                        choice["finish_reason"] = e.finish_reason
+                        yield sse({**chunk, "choices": [choice]})
+                if include_usage:
+                    total = {"prompt_tokens": len(ids), "completion_tokens": produced}
+                    total["total_tokens"] = len(ids) + produced
+                    yield sse({**chunk, "choices": [], "usage": total})
+                yield sse("[DONE]")
+
+            return StreamingResponse(body_iter(), media_type="text/event-stream")
+        done = await run(ids, params)
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in done
+        ]
+        return {**head, "choices": choices, "usage": usage(len(ids), done)}
+
+    return app
+
+
+def serve(
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "scratchllm",
+    api_key: str | None = None,
+    log_level: str = "warning",
+) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    app = create_app(engine, model_name, api_key)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+class ServerThread:
+    """The server in a background thread on an already bound socket (tests, notebooks).
+
+    `port=0` picks a free port; `url` is the base address, e.g. http://127.0.0.1:PORT.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model_name: str = "scratchllm",
+        api_key: str | None = None,
+    ) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.host, self.port = self.socket.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        config = uvicorn.Config(
+            create_app(engine, model_name, api_key), log_level="warning", timeout_keep_alive=30
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.socket.close()
