@@ -261,7 +261,8 @@ def finetune_instruct(opts: InstructOptions, callback=None, progress=None) -> di
         meta["lora"] = info["lora"]
     trainer = Trainer(model, task, config, out, tokenizer, meta, callback)
     start = time.perf_counter()
-    trainer.fit()
+    if trainer.fit().interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; stop here
+        raise KeyboardInterrupt
     seconds = time.perf_counter() - start
     model = trainer.model
     model.eval()

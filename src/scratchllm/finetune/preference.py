@@ -280,7 +280,8 @@ def finetune_dpo(opts: DPOOptions, callback=None) -> dict[str, Any]:
         meta["lora"] = info["lora"]
     trainer = Trainer(model, task, config, out, tokenizer, meta, callback)
     start = time.perf_counter()
-    trainer.fit()
+    if trainer.fit().interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; stop here
+        raise KeyboardInterrupt
     seconds = time.perf_counter() - start
     model = trainer.model
     model.eval()
