@@ -221,3 +221,51 @@ def epoch_history(records: list[dict[str, Any]], steps_per_epoch: int) -> list[d
             row["epoch"] = round(r["step"] / max(steps_per_epoch, 1), 3)
             out.append(row)
     return out
+
+
+def run_trainer(
+    model: torch.nn.Module,
+    task: Any,
+    opts: FinetuneOptions,
+    out: Path,
+    tokenizer: Any,
+    meta: dict[str, Any],
+    info: dict[str, Any],
+    callback: Any,
+    device: torch.device,
+    eval_every: int,
+    sample_tokens: int = 0,
+) -> tuple[Any, float]:
+    """Configure and run the project's one `Trainer` for a fine-tuning task.
+
+    Returns the trainer (its model left in eval mode) and the training seconds; an interrupted run
+    has saved its checkpoint and raises KeyboardInterrupt so the CLI exits 130.
+    """
+    import time
+
+    from scratchllm.train.trainer import TrainConfig, Trainer
+
+    spe = max(1, task.steps_per_epoch())
+    config = TrainConfig(
+        epochs=opts.epochs,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        warmup_steps=opts.warmup_steps,
+        weight_decay=opts.weight_decay,
+        grad_clip=opts.grad_clip or None,
+        eval_every=eval_every,
+        eval_batches=opts.eval_batches,
+        log_every=max(1, min(10, spe)),
+        device=str(device),
+        seed=opts.seed,
+        sample_tokens=sample_tokens,
+    )
+    if "lora" in info:
+        meta["lora"] = info["lora"]
+    trainer = Trainer(model, task, config, out, tokenizer, meta, callback)
+    start = time.perf_counter()
+    if trainer.fit().interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; stop here
+        raise KeyboardInterrupt
+    seconds = time.perf_counter() - start
+    trainer.model.eval()
+    return trainer, seconds

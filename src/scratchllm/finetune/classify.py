@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from scratchllm.finetune import (
     epoch_history,
     plot_eval_metrics,
     prepare_model,
+    run_trainer,
     save_final,
     set_dropout,
     write_results,
@@ -243,7 +243,6 @@ def prepare_splits(
 def finetune_classify(opts: ClassifyOptions, callback=None) -> dict[str, Any]:
     """Fine-tune a checkpoint as a classifier; writes checkpoint/, metrics, plots, results.json."""
     from scratchllm.train.checkpoint import load_checkpoint
-    from scratchllm.train.trainer import TrainConfig, Trainer
     from scratchllm.utils import pick_device, seed_everything
 
     opts.validate()
@@ -262,20 +261,6 @@ def finetune_classify(opts: ClassifyOptions, callback=None) -> dict[str, Any]:
     info.update(prepare_model(model, opts, "last-1", ("out_head",)))
     task = ClassificationTask(splits, tokenizer.eot_id, opts.batch_size, device, opts.seed)
     spe = task.steps_per_epoch()
-    config = TrainConfig(
-        epochs=opts.epochs,
-        batch_size=opts.batch_size,
-        lr=opts.lr,
-        warmup_steps=opts.warmup_steps,
-        weight_decay=opts.weight_decay,
-        grad_clip=opts.grad_clip or None,
-        eval_every=spe,  # once per epoch
-        eval_batches=opts.eval_batches,
-        log_every=max(1, min(10, spe)),
-        device=str(device),
-        seed=opts.seed,
-        sample_tokens=0,
-    )
     meta = {
         "task": "classify",
         "num_classes": len(labels),
@@ -284,15 +269,10 @@ def finetune_classify(opts: ClassifyOptions, callback=None) -> dict[str, Any]:
         "base_checkpoint": str(ckpt.path),
         "title": f"classify {Path(opts.data).name}",
     }
-    if "lora" in info:
-        meta["lora"] = info["lora"]
-    trainer = Trainer(model, task, config, out, tokenizer, meta, callback)
-    start = time.perf_counter()
-    if trainer.fit().interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; stop here
-        raise KeyboardInterrupt
-    seconds = time.perf_counter() - start
+    trainer, seconds = run_trainer(
+        model, task, opts, out, tokenizer, meta, info, callback, device, spe, 0
+    )
     model = trainer.model
-    model.eval()
     results: dict[str, Any] = {"task": "classify", "labels": labels, **info}
     for name in ("train", "val", "test"):
         loss, acc, preds = task.run_split(model, name)

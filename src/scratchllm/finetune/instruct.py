@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from scratchllm.finetune import (
     FinetuneOptions,
     epoch_history,
     prepare_model,
+    run_trainer,
     save_final,
     set_dropout,
     write_results,
@@ -199,7 +199,6 @@ def finetune_instruct(opts: InstructOptions, callback=None, progress=None) -> di
     import json
 
     from scratchllm.train.checkpoint import load_checkpoint
-    from scratchllm.train.trainer import TrainConfig, Trainer
     from scratchllm.utils import atomic_write_text, pick_device, seed_everything
 
     opts.validate()
@@ -237,35 +236,26 @@ def finetune_instruct(opts: InstructOptions, callback=None, progress=None) -> di
         format_prompt(val_r[0] if val_r else train_r[0], opts.template),
     )
     spe = task.steps_per_epoch()
-    config = TrainConfig(
-        epochs=opts.epochs,
-        batch_size=opts.batch_size,
-        lr=opts.lr,
-        warmup_steps=opts.warmup_steps,
-        weight_decay=opts.weight_decay,
-        grad_clip=opts.grad_clip or None,
-        eval_every=max(1, min(spe, 50)),
-        eval_batches=opts.eval_batches,
-        log_every=max(1, min(10, spe)),
-        device=str(device),
-        seed=opts.seed,
-        sample_tokens=min(40, opts.generate_tokens),
-    )
     meta: dict[str, Any] = {
         "task": "instruct",
         "template": opts.template,
         "base_checkpoint": str(ckpt.path),
         "title": f"instruct {Path(opts.data).name}",
     }
-    if "lora" in info:
-        meta["lora"] = info["lora"]
-    trainer = Trainer(model, task, config, out, tokenizer, meta, callback)
-    start = time.perf_counter()
-    if trainer.fit().interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; stop here
-        raise KeyboardInterrupt
-    seconds = time.perf_counter() - start
+    trainer, seconds = run_trainer(
+        model,
+        task,
+        opts,
+        out,
+        tokenizer,
+        meta,
+        info,
+        callback,
+        device,
+        max(1, min(spe, 50)),
+        min(40, opts.generate_tokens),
+    )
     model = trainer.model
-    model.eval()
     results: dict[str, Any] = {"task": "instruct", **info}
     for name in ("train", "val", "test"):
         results[f"{name}_loss"] = task.split_loss(model, name)

@@ -14,7 +14,6 @@ import copy
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from scratchllm.finetune import (
     epoch_history,
     plot_eval_metrics,
     prepare_model,
+    run_trainer,
     save_final,
     set_dropout,
     write_results,
@@ -221,7 +221,6 @@ class DPOTask:
 def finetune_dpo(opts: DPOOptions, callback=None) -> dict[str, Any]:
     """DPO-tune a checkpoint (usually an instruction-tuned one) on preference pairs."""
     from scratchllm.train.checkpoint import load_checkpoint
-    from scratchllm.train.trainer import TrainConfig, Trainer
     from scratchllm.utils import pick_device, seed_everything
 
     opts.validate()
@@ -256,35 +255,16 @@ def finetune_dpo(opts: DPOOptions, callback=None) -> dict[str, Any]:
         splits, reference, tokenizer.eot_id, opts.batch_size, opts.beta, device, opts.seed
     )
     spe = task.steps_per_epoch()
-    config = TrainConfig(
-        epochs=opts.epochs,
-        batch_size=opts.batch_size,
-        lr=opts.lr,
-        warmup_steps=opts.warmup_steps,
-        weight_decay=opts.weight_decay,
-        grad_clip=opts.grad_clip or None,
-        eval_every=max(1, min(spe, 50)),
-        eval_batches=opts.eval_batches,
-        log_every=max(1, min(10, spe)),
-        device=str(device),
-        seed=opts.seed,
-        sample_tokens=0,
-    )
     meta: dict[str, Any] = {
         "task": "dpo",
         "template": opts.template,
         "base_checkpoint": str(ckpt.path),
         "title": f"dpo {Path(opts.data).name}",
     }
-    if "lora" in info:
-        meta["lora"] = info["lora"]
-    trainer = Trainer(model, task, config, out, tokenizer, meta, callback)
-    start = time.perf_counter()
-    if trainer.fit().interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; stop here
-        raise KeyboardInterrupt
-    seconds = time.perf_counter() - start
+    trainer, seconds = run_trainer(
+        model, task, opts, out, tokenizer, meta, info, callback, device, max(1, min(spe, 50)), 0
+    )
     model = trainer.model
-    model.eval()
     results: dict[str, Any] = {"task": "dpo", **info}
     for name in ("val", "test"):
         if splits[name]:
