@@ -30,3 +30,12 @@ def gpt2_tokenizer(data_dir):
     from scratchllm.tokenizer import load_tokenizer
 
     return load_tokenizer(f"gpt2:{data_dir / 'gpt2'}")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run as fast on one thread, and one thread does not stall on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

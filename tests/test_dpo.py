@@ -12,14 +12,7 @@ from scratchllm.data.instruction import load_records
 from scratchllm.finetune.preference import Pair, collate_pairs, dpo_loss, sequence_logprobs
 from scratchllm.train.checkpoint import save_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and one thread does not stall on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dpo_loss_equals_hand_computed_value():

@@ -19,14 +19,7 @@ from scratchllm.finetune import select_trainable
 from scratchllm.finetune.classify import classify_logits, confusion_matrix, pool_last
 from scratchllm.train.checkpoint import load_checkpoint, save_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and one thread does not stall on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(context=128, layers=1, emb=32):

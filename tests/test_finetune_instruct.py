@@ -20,14 +20,7 @@ from scratchllm.data.instruction import (
 from scratchllm.finetune.judge import JudgeClient, parse_score, score_responses
 from scratchllm.train.checkpoint import save_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and one thread does not stall on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ENTRY = {"instruction": "Rewrite the sentence.", "input": "It is hot.", "output": "It's warm."}
