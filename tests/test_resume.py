@@ -16,7 +16,12 @@ import torch
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
 from scratchllm.errors import CheckpointError
-from scratchllm.train.checkpoint import load_checkpoint, load_state_dict, load_train_state
+from scratchllm.train.checkpoint import (
+    load_checkpoint,
+    load_state_dict,
+    load_train_state,
+    prune_checkpoints,
+)
 from scratchllm.train.tasks import LMTask
 from scratchllm.train.trainer import TrainConfig, Trainer, TrainerCallback, TrainingDiverged
 
@@ -157,6 +162,22 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(full_run, data_
         done = _run(_cmd(data_dir, tmp, out, "--resume"))
         assert done.returncode == 0, done.stderr[-3000:]
         _assert_same_run(tmp / "full", run)
+
+
+def test_pruning_clears_what_a_killed_snapshot_save_left(tmp_path):
+    """A kill mid-save leaves `.step-N.tmp` (never complete: removed) or `.step-N.old` with
+    no `step-N` (the swap's only whole copy: restored). Found by CI: a SIGKILL during the
+    snapshot write left a `.tmp` that later prunes never removed."""
+    snaps = tmp_path / "checkpoints"
+    for name in ["step-000004", "step-000005", ".step-000003.tmp", ".step-000002.old"]:
+        (snaps / name).mkdir(parents=True)
+        (snaps / name / "checkpoint.json").write_text("{}")
+    (snaps / "step-000001").mkdir()
+    (snaps / ".step-000001.old").mkdir()  # its swap finished: the .old is stale
+    removed = prune_checkpoints(snaps, keep=3)
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-000002", "step-000004", "step-000005"]
+    assert [p.name for p in removed] == ["step-000001"]
+    assert (snaps / "step-000002" / "checkpoint.json").exists()
 
 
 # -- in-process: signals, divergence, accumulation position --------------------------------------

@@ -189,13 +189,23 @@ def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_PARTIAL_STEP_DIR = re.compile(r"^\.(step-\d+)\.(tmp|old)$")
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` `step-NNNNNN` snapshots in `directory`; the removed."""
+    """Delete all but the newest `keep` `step-NNNNNN` snapshots in `directory`; the removed.
+
+    Leftovers of a save that a crash cut short go too: a `.tmp` is never complete, and an
+    `.old` is only kept (as the snapshot itself) when its swap did not finish."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
+    for p in directory.iterdir():
+        if m := _PARTIAL_STEP_DIR.match(p.name):
+            if m.group(2) == "old":
+                _recover(directory / m.group(1))
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
     snaps = sorted(
         (int(m.group(1)), p)
         for p in directory.iterdir()
