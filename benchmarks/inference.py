@@ -10,7 +10,13 @@ the time for 1 + N new tokens minus the time for 1), greedy, no early stop:
 - transformers `GPT2LMHeadModel.generate(use_cache=True)`.
 
 It also estimates the memory-bandwidth floor of a decode step: the bytes of weights every step
-must read (plus the KV cache), divided by a measured copy bandwidth. Run it under the bench lock:
+must read (plus the KV cache), divided by a measured copy bandwidth.
+
+`int8_results` adds the engine with weight-only int8 linears (`--quantize int8`) for each
+activation dtype: decode tokens/s, its own bandwidth floor (int8 weights + scales + KV cache), the
+speedup over transformers fp32 at the same batch, and the fraction of greedy tokens identical to
+the fp32 engine's on the benchmark prompts (bf16's agreement is given for scale: random weights
+have near-ties). Run it under the bench lock:
 
     flock /tmp/scratchllm-bench.lock .venv/bin/python benchmarks/inference.py
 """
@@ -129,6 +135,76 @@ def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float) -> di
     return row
 
 
+def greedy_tokens(engine, rows: list[list[int]], n: int) -> list[list[int]]:
+    from scratchllm.engine import SamplingParams
+
+    return [
+        c[0].token_ids for c in engine.generate(rows, SamplingParams(max_tokens=n, stop_ids=()))
+    ]
+
+
+def agreement(ref: list[list[int]], out: list[list[int]]) -> dict[str, float]:
+    """Fraction of positions with the same greedy token, and of prompts identical throughout."""
+    same = sum(a == b for r, o in zip(ref, out, strict=True) for a, b in zip(r, o, strict=True))
+    total = sum(len(r) for r in ref)
+    first = [  # tokens before the first difference, per prompt
+        next((i for i, (a, b) in enumerate(zip(r, o, strict=True)) if a != b), len(r))
+        for r, o in zip(ref, out, strict=True)
+    ]
+    return {
+        "tokens_identical": round(same / total, 4),
+        "prompts_identical": round(
+            sum(r == o for r, o in zip(ref, out, strict=True)) / len(ref), 4
+        ),
+        "median_identical_prefix": statistics.median(first),
+    }
+
+
+def teacher_forced_agreement(model, rows: list[list[int]], ref: list[list[int]]) -> float:
+    """Fraction of positions where `model`'s top token, given the reference's own context (the
+    prompt plus the reference greedy tokens so far), is the reference token: no cascade after a
+    first difference."""
+    device = next(model.parameters()).device
+    seqs = torch.tensor([r + t for r, t in zip(rows, ref, strict=True)], device=device)
+    with torch.inference_mode():
+        logits = model(seqs[:, :-1])
+    n = len(ref[0])
+    top = logits[:, -n:].argmax(-1).cpu()
+    return round(float((top == torch.tensor(ref)).float().mean()), 4)
+
+
+def measure_int8(ours, engine, x: torch.Tensor, args, bandwidth: float) -> dict:
+    """One int8 cell: the engine's decode rate and its bandwidth floor."""
+    from scratchllm.engine import SamplingParams
+    from scratchllm.quantize import linear_weight_bytes
+
+    config = ours.config
+    batch = x.shape[0]
+    rows = x.tolist()
+    elem = next(ours.parameters()).element_size()  # the KV cache keeps the activation dtype
+
+    def run_engine(n: int) -> None:
+        engine.generate(rows, SamplingParams(max_tokens=n, stop_ids=()))
+
+    kv_len = args.prompt_len + args.new_tokens // 2
+    kv = 2 * config.n_layers * batch * kv_len * config.emb_dim * elem
+    step_bytes = linear_weight_bytes(ours) + kv
+    floor_s = step_bytes / bandwidth
+    row = {
+        "batch": batch,
+        "bandwidth_floor": {
+            "bytes_per_step": step_bytes,
+            "ms_per_step": round(floor_s * 1e3, 3),
+            "max_tokens_per_s": round(batch / floor_s, 2),
+        },
+        "scratchllm_engine": decode_rate(run_engine, batch, args.new_tokens, args.repeats),
+    }
+    row["fraction_of_bandwidth_floor"] = round(
+        row["scratchllm_engine"]["tokens_per_s"] / row["bandwidth_floor"]["max_tokens_per_s"], 3
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="gpt2-small", help="model shape (gpt-nano: smoke test)")
@@ -140,6 +216,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,6 +243,9 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.device)
     results: list[dict] = []
     parity: dict[str, float] = {}
+    greedy: dict[str, list[list[int]]] = {}  # each dtype's engine tokens on the prompts
+    forced: dict[str, float] = {}  # teacher-forced top-1 agreement with the fp32 engine
+    rows_all = prompts[: max(batches)].tolist()
 
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -176,6 +256,9 @@ def main() -> None:
             b = theirs(prompts[:1]).logits.float()
         parity[dtype_name] = float((a - b).abs().max())
         engine = Engine(ours, tokenizer, max_batch=max(batches))
+        greedy[dtype_name] = greedy_tokens(engine, rows_all, args.new_tokens)
+        if "float32" in greedy and dtype_name != "float32":
+            forced[dtype_name] = teacher_forced_agreement(ours, rows_all, greedy["float32"])
         for batch in batches:
             row = {
                 "dtype": dtype_name,
@@ -191,6 +274,50 @@ def main() -> None:
                 f"({row['fraction_of_bandwidth_floor']:.0%})",
                 flush=True,
             )
+
+    int8_results: list[dict] = []
+    agree_ref = greedy.get("float32")
+    for dtype_name in [] if args.no_int8 or args.device != "cpu" else args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        ours = load_checkpoint(tmp / "ours", "cpu", dtype, quantize="int8").model.eval()
+        engine = Engine(ours, tokenizer, max_batch=max(batches))
+        tokens = greedy_tokens(engine, rows_all, args.new_tokens)
+        greedy[f"int8/{dtype_name}"] = tokens
+        if agree_ref is not None:
+            forced[f"int8/{dtype_name}"] = teacher_forced_agreement(ours, rows_all, agree_ref)
+        for batch in batches:
+            row = {
+                "weights": "int8",
+                "activations": dtype_name,
+                **measure_int8(ours, engine, prompts[:batch], args, bandwidth),
+            }
+            rate = row["scratchllm_engine"]["tokens_per_s"]
+            for r in results:  # the fp32 rows at this batch, measured above
+                if r["dtype"] == "float32" and r["batch"] == batch:
+                    hf = r["transformers_generate"]["tokens_per_s"]
+                    row["transformers_fp32_tokens_per_s"] = hf
+                    row["speedup_vs_transformers_fp32"] = round(rate / hf, 3)
+                    row["speedup_vs_scratchllm_fp32"] = round(
+                        rate / r["scratchllm_engine"]["tokens_per_s"], 3
+                    )
+            if agree_ref is not None:
+                row["greedy_agreement_vs_fp32_engine"] = agreement(
+                    agree_ref[:batch], tokens[:batch]
+                )
+            int8_results.append(row)
+            print(
+                f"int8/{dtype_name:9s} batch {batch}: scratchllm {rate:8.1f} tok/s | "
+                f"vs transformers fp32 {row.get('speedup_vs_transformers_fp32', float('nan')):.2f}x | "
+                f"floor {row['bandwidth_floor']['max_tokens_per_s']:8.1f} "
+                f"({row['fraction_of_bandwidth_floor']:.0%}) | greedy agreement "
+                f"{row.get('greedy_agreement_vs_fp32_engine', {}).get('tokens_identical')}",
+                flush=True,
+            )
+    reference_agreement = {
+        name: {**agreement(agree_ref, tokens), "teacher_forced_top1": forced.get(name)}
+        for name, tokens in greedy.items()
+        if agree_ref is not None and name != "float32"
+    }
 
     import transformers
 
@@ -208,6 +335,13 @@ def main() -> None:
         "median_speedup_vs_transformers": statistics.median(
             r["speedup_vs_transformers"] for r in results
         ),
+        "int8_results": int8_results,
+        "greedy_agreement_vs_fp32_engine": {
+            "prompts": len(rows_all),
+            "new_tokens": args.new_tokens,
+            "note": "random weights: near-ties make greedy fragile; bf16 gives the scale",
+            **reference_agreement,
+        },
         "note": "the machine is shared; other work may have been running during the timings",
     }
     print("wrote", write_result("inference", payload, args.out))

@@ -29,11 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--quantize",
+        default=None,
+        metavar="int8",
+        help="int8: weight-only int8 linears for faster CPU decoding (docs/serving.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from scratchllm.engine import ChatSession, Engine, SamplingParams
     from scratchllm.errors import InputError
+    from scratchllm.quantize import device_for
     from scratchllm.train.checkpoint import load_checkpoint
     from scratchllm.utils import parse_dtype, pick_device
 
@@ -49,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         params.validate()
     except InputError as exc:
         raise InputError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
-    ckpt = load_checkpoint(args.checkpoint, pick_device(args.device), parse_dtype(args.dtype))
+    device = pick_device(device_for(args.device, args.quantize))
+    ckpt = load_checkpoint(args.checkpoint, device, parse_dtype(args.dtype), args.quantize)
     if params.max_tokens >= ckpt.config.context_length:
         raise InputError(
             f"--max-new-tokens {params.max_tokens} leaves no room for a message in the context "

@@ -27,11 +27,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens allowed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--quantize",
+        default=None,
+        metavar="int8",
+        help="int8: weight-only int8 linears for faster CPU decoding (docs/serving.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from scratchllm.engine import Engine
     from scratchllm.errors import InputError
+    from scratchllm.quantize import device_for
     from scratchllm.serve import serve
     from scratchllm.train.checkpoint import load_checkpoint
     from scratchllm.utils import parse_dtype, pick_device
@@ -40,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch < 1:
         raise InputError(f"--max-batch must be ≥ 1, got {args.max_batch}")
-    ckpt = load_checkpoint(args.checkpoint, pick_device(args.device), parse_dtype(args.dtype))
+    device = pick_device(device_for(args.device, args.quantize))
+    ckpt = load_checkpoint(args.checkpoint, device, parse_dtype(args.dtype), args.quantize)
     name = args.model_name or ckpt.path.resolve().name
     if name == "checkpoint":  # a run directory: name the model after the run
         name = ckpt.path.resolve().parent.name

@@ -290,9 +290,18 @@ def load_weights_into(
 
 
 def load_checkpoint(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
 ) -> Checkpoint:
-    """Load model, tokenizer and metadata; raise `CheckpointError` naming what is wrong."""
+    """Load model, tokenizer and metadata; raise `CheckpointError` naming what is wrong.
+
+    `quantize="int8"`: weight-only int8 linears for CPU decoding (`scratchllm.quantize`).
+    """
+    from scratchllm.quantize import apply_quantization, check_quantize
+
+    check_quantize(quantize, device)  # before the (slow) load
     path = Path(path)
     recover_interrupted_save(path)
     path = resolve_checkpoint_dir(path)
@@ -324,6 +333,8 @@ def load_checkpoint(
 
         model.rope.inv_freq = rope_inverse_frequencies(config)
     model = model.to(device)
+    # Quantize from the stored weights, before any cast to a lower precision.
+    apply_quantization(model, quantize, device)
     if dtype is not None:
         model = model.to(dtype)
     check_tokenizer_fits(tokenizer, config, str(path))

@@ -1,0 +1,210 @@
+"""Weight-only int8 quantization for CPU decoding.
+
+Every `nn.Linear` of the transformer blocks and the output head becomes an `Int8Linear`: an int8
+weight (out, in) with one symmetric scale per output channel (absmax / 127), so a decode step
+reads a quarter of the fp32 weight bytes. Activations stay floating point (weight-only): the
+embeddings, norms, attention and the KV cache are untouched.
+
+The matmul is `torch.ops.aten._weight_int8pack_mm`, which accumulates in fp32. On the AVX2 CPU
+this was measured on, its bfloat16-activation kernel is the fast one: its fp32-activation kernel
+was 6-28x slower and dequantize-then-matmul slower than the fp32 layer it replaces. So fp32
+activations are cast to bf16 for the int8 matmul and the result cast back; the bf16 rounding of
+the activations (~0.1 % rms) is small next to the int8 rounding of the weights (~0.8 % rms of a
+layer's output). See docs/serving.md for the tolerance and speed measured.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchllm.errors import InputError
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("int8",)
+# The kernel takes its scales in the activation dtype; it runs in bf16 (see the module docstring).
+_KERNEL_DTYPE = torch.bfloat16
+# The CPU kernel walks the input dimension in whole SIMD vectors with no tail loop: with torch
+# 2.13 on AVX2, in_features=33 crashed the process and 100 gave wrong sums (multiples of 8 were
+# right). Only multiples of 32 (any x86 vector width) take it; the rest dequantize.
+_KERNEL_K_MULTIPLE = 32
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight → (int8 weight, per-row scales) with weight ≈ int8 · scale[:, None].
+
+    The scales are rounded to bf16 before the weight is divided by them, so the kernel (which
+    takes bf16 scales) multiplies by exactly the scale the weight was quantized with.
+    """
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)
+    scales = (absmax / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = scales.to(_KERNEL_DTYPE).float()
+    # bf16 may round a scale down a little: clamp the few values that then overflow ±127.
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ + b with W stored as int8 plus one scale per output channel.
+
+    `weight_int8` (out, in) int8 and `scales` (out,) are buffers (not trained); `bias`, if any,
+    stays floating point. Output dtype = input dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer(
+            "weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        self.bias: nn.Parameter | None = None
+        if bias:  # frozen: an int8 model is for inference
+            zeros = torch.zeros(out_features, dtype=dtype, device=device)
+            self.bias = nn.Parameter(zeros, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """Quantize a float `nn.Linear` (its weight is copied, never shared)."""
+        w = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype
+        )
+        q, scales = quantize_weight(w)
+        with torch.no_grad():
+            layer.weight_int8.copy_(q)
+            layer.scales.copy_(scales)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and self.in_features % _KERNEL_K_MULTIPLE == 0:
+            # The kernel wants a contiguous 2-D input and scales in the input's dtype, and it
+            # loads input rows with aligned SIMD loads: give it a fresh (aligned) copy if needed.
+            xk = x2d.to(_KERNEL_DTYPE).contiguous()
+            if xk.data_ptr() % 64:
+                xk = xk.clone()
+            y = torch.ops.aten._weight_int8pack_mm(xk, self.weight_int8, self.scales.to(xk.dtype))
+            y = y.to(x.dtype)
+        else:  # odd widths (or a device the kernel lacks): dequantize, slower but correct
+            y = F.linear(x2d, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, int8 per-channel"
+        )
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_int8(model: nn.Module, skip: Iterable[str] = ()) -> nn.Module:
+    """Replace (in place) every `nn.Linear` in `model.trf_blocks` and `model.out_head` by an
+    `Int8Linear`; returns the model.
+
+    `skip`: layer names (or dotted name endings, e.g. "out_head", "ff.fc2") to keep in float.
+    A head tied to the token embedding is quantized as its own int8 copy; the embedding stays
+    float. LoRA adapters are merged into their base weights first (the merged model decodes the
+    same as the adapted one), so the adapters are gone afterwards.
+    """
+    from scratchllm.model.lora import has_lora, merge_lora
+
+    skip = tuple(skip)
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type != "cpu":
+        raise InputError(
+            f"int8 quantization is a CPU decoding feature; the model is on {p.device.type} "
+            "(use --device cpu, or --dtype bfloat16 on a GPU)"
+        )
+    if has_lora(model):
+        log.info("merging LoRA adapters into their base weights before int8 quantization")
+        merge_lora(model)
+    roots: list[tuple[str, nn.Module]] = []
+    if hasattr(model, "trf_blocks"):
+        roots.append(("trf_blocks", model.trf_blocks))
+    head = getattr(model, "out_head", None)
+    if isinstance(head, nn.Linear) and not _skipped("out_head", skip):
+        model.out_head = Int8Linear.from_linear(head)  # a tied head gets its own copy
+    count = 0
+    for root_name, root in roots:
+        for name, module in list(root.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = ".".join(n for n in (root_name, name, child_name) if n)
+                if isinstance(child, nn.Linear) and not _skipped(full, skip):
+                    setattr(module, child_name, Int8Linear.from_linear(child))
+                    count += 1
+    log.info(
+        "int8: quantized %d block linears%s",
+        count,
+        " and the output head" if isinstance(getattr(model, "out_head", None), Int8Linear) else "",
+    )
+    return model
+
+
+def check_quantize(quantize: str | None, device: torch.device | str | None = None) -> str | None:
+    """Validate a `quantize` option ('int8' or None/'none'); `InputError` on anything else."""
+    if quantize is None or quantize == "none":
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise InputError(f"--quantize must be 'int8' or 'none', got {quantize!r}")
+    if device is not None and torch.device(device).type != "cpu":
+        raise InputError(
+            f"--quantize {quantize} is a CPU decoding feature; got device "
+            f"{torch.device(device).type} (use --device cpu, or --dtype bfloat16 on a GPU)"
+        )
+    return quantize
+
+
+def device_for(device: str, quantize: str | None) -> str:
+    """The device name to load on: 'auto' means the CPU when quantizing (a CPU feature)."""
+    if device == "auto" and quantize not in (None, "none"):
+        return "cpu"
+    return device
+
+
+def apply_quantization(
+    model: nn.Module, quantize: str | None, device: torch.device | str | None = None
+) -> nn.Module:
+    """Quantize `model` as `quantize` says (None: leave it as it is)."""
+    if check_quantize(quantize, device) == "int8":
+        quantize_int8(model)
+    return model
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights (and int8 scales) of the block linears and the head: what a decode
+    step reads for its matmuls."""
+    total = 0
+    for name, module in model.named_modules():
+        if not (name.startswith("trf_blocks.") or name == "out_head"):
+            continue
+        if isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, Int8Linear):
+            total += module.weight_int8.numel() + module.scales.numel() * 2  # bf16 in the kernel
+    return total

@@ -1,0 +1,231 @@
+"""Weight-only int8 quantization: error bounds, greedy agreement, engine batching and the CLI flag."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
+from scratchllm.engine import Engine, SamplingParams
+from scratchllm.model.lora import LoRALinear, apply_lora, has_lora
+from scratchllm.quantize import (
+    Int8Linear,
+    check_quantize,
+    linear_weight_bytes,
+    quantize_int8,
+    quantize_weight,
+)
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [42], [7, 7, 7, 7], [200, 100]]
+GREEDY_TOKENS = 16
+
+
+def make_model(kind: str = "gpt2", **kw) -> GPTModel:
+    torch.manual_seed(0)
+    config = dict(
+        vocab_size=257, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0
+    )
+    if kind == "llama":
+        config.update(
+            pos_embedding="rope",
+            norm="rmsnorm",
+            ffn="swiglu",
+            n_kv_heads=2,
+            bias=False,
+            hidden_dim=64,
+        )
+    config.update(kw)
+    return GPTModel(ModelConfig(**config)).eval()
+
+
+def error_bound(x: torch.Tensor, layer: nn.Linear, q: Int8Linear) -> torch.Tensor:
+    """Worst-case |int8 output − float output| per element.
+
+    Each dequantized weight is off by at most half a step (scale/2). The CPU kernel also rounds
+    the activations and its output to bf16 (relative error ≤ 2⁻⁹ each, taken as 2⁻⁸ here).
+    """
+    w = layer.weight.detach()
+    scales = q.scales.float()
+    ax = x.abs()
+    per_step = ax.sum(-1, keepdim=True) * scales / 2
+    act_rounding = 2.0**-8 * (ax @ (w.abs() + scales[:, None] / 2).T)
+    y = nn.functional.linear(x, w, layer.bias)
+    return per_step + act_rounding + 2.0**-8 * y.abs() + 1e-6
+
+
+@pytest.mark.parametrize("in_features", [256, 100])  # 100: not a kernel width, dequantize path
+def test_int8_linear_is_within_the_quantization_bound(in_features):
+    torch.manual_seed(0)
+    layer = nn.Linear(in_features, 384)
+    q = Int8Linear.from_linear(layer)
+    assert q.weight_int8.dtype == torch.int8 and q.weight_int8.shape == (384, in_features)
+    assert int(q.weight_int8.abs().max()) == 127  # every row uses the full range
+    x = torch.randn(3, 5, in_features)
+    with torch.no_grad():
+        ref = layer(x)
+        out = q(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    err = (out - ref).abs()
+    assert (err <= error_bound(x, layer, q)).all()
+    # Typical error: the rounding noise of 8-bit weights, ~0.8 % of the output's rms.
+    rel = float(err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+    assert 1e-4 < rel < 0.015
+    # bf16 activations run through the same kernel; the output keeps the input dtype.
+    out16 = q(x.bfloat16())
+    assert out16.dtype == torch.bfloat16
+    assert float((out16.float() - ref).abs().max() / ref.abs().max()) < 0.03
+
+
+def test_quantize_weight_round_trips_within_half_a_step():
+    w = torch.randn(64, 96) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different scale
+    q, scales = quantize_weight(w)
+    assert q.dtype == torch.int8 and scales.shape == (64,)
+    assert (q.float() * scales[:, None] - w).abs().le(scales[:, None] / 2 + 1e-12).all()
+    zero_q, zero_s = quantize_weight(torch.zeros(2, 32))  # an all-zero row: no division by zero
+    assert (zero_q == 0).all() and torch.isfinite(zero_s).all()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_quantized_model_shrinks_and_keeps_greedy_tokens(kind):
+    model = make_model(kind)
+    before = linear_weight_bytes(model)
+    quant = quantize_int8(copy.deepcopy(model))
+    linears = [n for n, m in quant.named_modules() if isinstance(m, nn.Linear)]
+    assert linears == []  # every block linear and the head
+    int8 = [m for m in quant.modules() if isinstance(m, Int8Linear)]
+    assert len(int8) == 2 * (4 if kind == "gpt2" else 5) + 1
+    assert all(m.weight_int8.dtype == torch.int8 for m in int8)
+    assert torch.equal(quant.tok_emb.weight, model.tok_emb.weight)  # embeddings stay float
+    ratio = before / linear_weight_bytes(quant)
+    assert 3.5 < ratio <= 4.0  # int8 plus one bf16 scale per output row
+
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        a, b = model(ids), quant(ids)
+    assert float((a - b).abs().max() / a.std()) < 0.05
+
+    # Tolerance: on these tiny random models the first 16 greedy tokens of every prompt are
+    # identical (a random model has near-ties, so a flip further on would not mean a bug).
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, stop_ids=())
+    ref = Engine(model, ByteTokenizer()).generate(PROMPTS, params)
+    out = Engine(quant, ByteTokenizer()).generate(PROMPTS, params)
+    assert [c[0].token_ids for c in out] == [c[0].token_ids for c in ref]
+
+
+def test_broken_quantization_would_fail_the_greedy_check():
+    # The greedy check above is not vacuous: a wrong scale (here 10 % off in one layer's rows)
+    # changes the tokens.
+    model = make_model()
+    quant = quantize_int8(copy.deepcopy(model))
+    with torch.no_grad():
+        quant.out_head.scales.mul_(1 + 0.1 * torch.randn_like(quant.out_head.scales.float()))
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, stop_ids=())
+    ref = Engine(model, ByteTokenizer()).generate(PROMPTS, params)
+    out = Engine(quant, ByteTokenizer()).generate(PROMPTS, params)
+    assert [c[0].token_ids for c in out] != [c[0].token_ids for c in ref]
+
+
+def test_engine_batched_equals_one_by_one_with_int8():
+    quant = quantize_int8(make_model("llama"))
+    params = SamplingParams(max_tokens=20, stop_ids=())
+    alone = [Engine(quant, ByteTokenizer()).generate([p], params)[0][0] for p in PROMPTS]
+    engine = Engine(quant, ByteTokenizer(), max_batch=8)
+    together = engine.generate(PROMPTS, params)
+    assert [c[0].token_ids for c in together] == [c.token_ids for c in alone]
+    assert engine.peak_batch == len(PROMPTS)
+
+
+def test_bfloat16_model_quantizes_and_runs():
+    quant = quantize_int8(make_model()).to(torch.bfloat16)
+    assert all(
+        m.weight_int8.dtype == torch.int8 for m in quant.modules() if isinstance(m, Int8Linear)
+    )
+    out = Engine(quant, ByteTokenizer()).generate(PROMPTS[:2], SamplingParams(max_tokens=8))
+    assert all(len(c[0].token_ids) <= 8 for c in out)
+
+
+def test_lora_is_merged_before_quantizing():
+    model = make_model()
+    apply_lora(model, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(std=0.05)  # a non-zero update, so merging matters
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        adapted = model(ids)
+    quant = quantize_int8(model)
+    assert not has_lora(quant)
+    with torch.no_grad():
+        out = quant(ids)
+    assert float((out - adapted).abs().max() / adapted.std()) < 0.05
+
+
+def test_tied_head_gets_its_own_int8_copy():
+    model = make_model(tie_embeddings=True)
+    assert model.out_head.weight is model.tok_emb.weight
+    emb = model.tok_emb.weight.detach().clone()
+    quant = quantize_int8(model)
+    assert isinstance(quant.out_head, Int8Linear)
+    assert quant.tok_emb.weight.dtype == torch.float32 and torch.equal(quant.tok_emb.weight, emb)
+    step = quant.out_head.scales.float()[:, None] / 2
+    assert (quant.out_head.dequantized_weight() - emb).abs().le(step + 1e-12).all()
+    kept = quantize_int8(make_model(tie_embeddings=True), skip=("out_head",))
+    assert kept.out_head.weight is kept.tok_emb.weight  # skipped: still tied
+
+
+def test_skip_keeps_named_layers_in_float():
+    model = make_model()
+    head = model.out_head.weight.detach().clone()
+    quant = quantize_int8(model, skip=("out_head", "ff.fc2"))
+    assert type(quant.out_head) is nn.Linear and torch.equal(quant.out_head.weight, head)
+    assert all(type(b.ff.fc2) is nn.Linear for b in quant.trf_blocks)
+    assert all(isinstance(b.ff.fc1, Int8Linear) for b in quant.trf_blocks)
+
+
+def test_bad_values_and_devices_are_input_errors():
+    assert check_quantize(None) is None and check_quantize("none") is None
+    assert check_quantize("int8", "cpu") == "int8"
+    with pytest.raises(InputError, match="int8"):
+        check_quantize("int4")
+    with pytest.raises(InputError, match="CPU"):
+        check_quantize("int8", "cuda")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from scratchllm.train.checkpoint import save_checkpoint
+
+    model = make_model()
+    save_checkpoint(tmp_path / "ckpt", model, ByteTokenizer())
+    return tmp_path / "ckpt", model
+
+
+def test_load_checkpoint_quantizes(checkpoint):
+    from scratchllm.train.checkpoint import load_checkpoint
+
+    path, _ = checkpoint
+    ckpt = load_checkpoint(path, "cpu", torch.bfloat16, quantize="int8")
+    assert isinstance(ckpt.model.out_head, Int8Linear)
+    assert ckpt.model.trf_blocks[0].att.qkv.weight_int8.dtype == torch.int8
+    assert ckpt.model.tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_generate_command_with_quantize_flag(checkpoint, capsys):
+    from scratchllm.cli import main
+    from scratchllm.generate import generate_text
+
+    path, model = checkpoint
+    argv = ["generate", "--checkpoint", str(path), "--prompt", "abc", "--max-new-tokens", "12"]
+    assert main([*argv, "--quantize", "int8"]) == 0
+    text = capsys.readouterr().out
+    expected = generate_text(
+        quantize_int8(copy.deepcopy(model)), ByteTokenizer(), "abc", max_new_tokens=12
+    )
+    assert text == expected + "\n"
+    assert main([*argv, "--quantize", "int4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quantize" in err[0] and "int4" in err[0]
