@@ -10,13 +10,19 @@ from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
 from scratchllm.cli import main
 from scratchllm.data.classification import (
     balance,
+    encode_texts,
     label_names,
     load_labeled,
     pad_right,
     split_indices,
 )
 from scratchllm.finetune import select_trainable
-from scratchllm.finetune.classify import classify_logits, confusion_matrix, pool_last
+from scratchllm.finetune.classify import (
+    Classifier,
+    classify_logits,
+    confusion_matrix,
+    pool_last,
+)
 from scratchllm.train.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,6 +153,23 @@ def test_cli_trains_a_classifier_and_classify_uses_it(tmp_path, base_ckpt, capsy
     texts.write_text("a good movie\n\nthe bad plot\n")
     assert main(["classify", "--checkpoint", str(out), "--file", str(texts)]) == 0
     assert capsys.readouterr().out.split() == ["pos", "neg"]
+
+
+def test_append_eot_ends_every_text_with_the_eot_token_and_classify_uses_it(tmp_path, base_ckpt):
+    tok = ByteTokenizer()
+    ids, cut = encode_texts(["ab", "abcdef"], tok, 4, append_eot=True)
+    assert ids == [[97, 98, tok.eot_id], [97, 98, 99, tok.eot_id]] and cut == 1
+    data = keyword_data(tmp_path / "reviews.tsv", n=40)
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(out), "--epochs", "1", "--append-eot"]
+    assert main(["finetune", "classify", "--checkpoint", str(base_ckpt), *args]) == 0
+    clf = Classifier(out)
+    assert clf.append_eot and load_checkpoint(out).meta["append_eot"] is True
+    # The saved classifier reads the state at the appended token, as training did.
+    x = torch.tensor([[*tok.encode_ordinary("a good movie"), tok.eot_id]])
+    with torch.no_grad():
+        want = classify_logits(clf.model, x, torch.tensor([x.shape[1]])).softmax(-1)
+    torch.testing.assert_close(clf.probabilities(["a good movie"]), want)
 
 
 def test_lora_classifier_saves_adapters_and_a_standard_merged_checkpoint(tmp_path, base_ckpt):

@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = sub.add_parser("classify", help="text classification head (ch. 6)")
     _common(c, 5e-5, 5.0, "what trains: head | last-N (blocks + final norm + head) | all (last-1)")
     c.add_argument("--balance", action="store_true", help="undersample classes to the smallest")
+    c.add_argument(
+        "--append-eot",
+        action="store_true",
+        help="end each text with <|endoftext|> and classify from that token's state",
+    )
     i = sub.add_parser("instruct", help="instruction fine-tuning on Alpaca-format data (ch. 7)")
     _common(i, 5e-5, 2.0, "what trains: head | last-N | all (all)")
     i.add_argument("--template", choices=["alpaca", "phi3"], default="alpaca", help="prompt style")

@@ -164,18 +164,22 @@ def split_indices(
 
 
 def encode_texts(
-    texts: list[str], tokenizer, max_length: int, what: str = "text"
+    texts: list[str], tokenizer, max_length: int, what: str = "text", append_eot: bool = False
 ) -> tuple[list[list[int]], int]:
-    """Token ids per text, cut to `max_length`; returns the ids and how many were cut."""
+    """Token ids per text, cut to `max_length`; returns the ids and how many were cut.
+
+    `append_eot` ends every text with the end-of-text id (kept after a cut): the classifier
+    then reads the same token's state for every text, like GPT-1's "extract" token."""
     out, cut = [], 0
+    room = max_length - 1 if append_eot else max_length
     for i, text in enumerate(texts):
         ids = tokenizer.encode_ordinary(text)
         if not ids:
             raise InputError(f"{what} {i + 1}: the text is empty after tokenization")
-        if len(ids) > max_length:
-            ids = ids[:max_length]
+        if len(ids) > room:
+            ids = ids[:room]
             cut += 1
-        out.append(ids)
+        out.append(ids + [tokenizer.eot_id] if append_eot else ids)
     if cut:
         log.warning(
             "%d of %d texts were longer than %d tokens and were cut", cut, len(texts), max_length

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 class ClassifyOptions(FinetuneOptions):
     balance: bool = False
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    append_eot: bool = False  # end each text with <|endoftext|> and classify from it
 
 
 def pool_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -227,7 +228,8 @@ def prepare_splits(
     if abs(sum(opts.split) - 1.0) > 1e-6:
         raise InputError(f"split fractions {opts.split} must add up to 1")
     parts = split_indices(len(data), opts.split, opts.seed, f"--data {data.source}")
-    ids, cut = encode_texts(data.texts, tokenizer, max_length, f"--data {data.source}: record")
+    what = f"--data {data.source}: record"
+    ids, cut = encode_texts(data.texts, tokenizer, max_length, what, opts.append_eot)
     info["truncated"] = cut
     index = {name: i for i, name in enumerate(labels)}
     splits = {
@@ -266,6 +268,7 @@ def finetune_classify(opts: ClassifyOptions, callback=None) -> dict[str, Any]:
         "num_classes": len(labels),
         "labels": labels,
         "max_length": max_length,
+        "append_eot": opts.append_eot,
         "base_checkpoint": str(ckpt.path),
         "title": f"classify {Path(opts.data).name}",
     }
@@ -312,12 +315,15 @@ class Classifier:
         self.model, self.tokenizer = ckpt.model, ckpt.tokenizer
         self.labels: list[str] = list(ckpt.meta["labels"])
         self.max_length = int(ckpt.meta.get("max_length", self.model.config.context_length))
+        self.append_eot = bool(ckpt.meta.get("append_eot", False))
         self.device = torch.device(device)
         self.truncated = 0
 
     @torch.no_grad()
     def probabilities(self, texts: list[str], batch_size: int = 16) -> torch.Tensor:
-        ids, self.truncated = encode_texts(texts, self.tokenizer, self.max_length, "text")
+        ids, self.truncated = encode_texts(
+            texts, self.tokenizer, self.max_length, "text", self.append_eot
+        )
         out = torch.empty(len(texts), len(self.labels))
         for start in range(0, len(ids), batch_size):
             x, lengths = pad_right(ids[start : start + batch_size], self.tokenizer.eot_id)
