@@ -60,7 +60,7 @@ def sms_domain_text(work: Path, repeat: int, seed: int) -> tuple[Path, int]:
     _, val, test = split_indices(len(data), SPLIT, seed)
     held = {data.texts[i] for i in [*val, *test]}
     texts = [t for t in full.texts if t not in held]
-    rng, lines = random.Random(seed), []
+    rng, lines = random.Random(0), []
     for _ in range(repeat):
         rng.shuffle(texts)
         lines += texts
@@ -200,9 +200,10 @@ def main() -> None:
         action="store_true",
         help="keep WORK/pretrain from an earlier run (its timing comes from its pretrain.json)",
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="full fine-tuning learning rate")
+    p.add_argument("--lr", type=float, default=3e-4, help="full fine-tuning learning rate")
     p.add_argument("--lora-lr", type=float, default=3e-3, help="LoRA learning rate")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout while fine-tuning")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout, full fine-tuning")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout, LoRA fine-tuning")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -234,10 +235,13 @@ def main() -> None:
         lora_rank=8,
         lora_alpha=16.0,
         lr=args.lora_lr,
-        dropout=args.dropout,
+        dropout=args.lora_dropout,
     )
     print("lora:", lora, flush=True)
-    total = {k: round(pre[k] + full[k], 1) for k in ("wall_s", "cpu_s")}
+    totals = {
+        name: {k: round(pre[k] + run[k], 1) for k in ("wall_s", "cpu_s")}
+        for name, run in (("full", full), ("lora", lora))
+    }
     payload = {
         "quick": args.quick,
         "reused_pretrain": args.reuse_pretrain,
@@ -249,11 +253,14 @@ def main() -> None:
         "finetune_full": full,
         "finetune_lora": lora,
         "tfidf_logreg": baseline,
-        "pretrain_plus_full_finetune": total,
+        "pretrain_plus_finetune": totals,
         "acceptance": {
-            "test_accuracy_full": full["test_accuracy"],
-            "meets_96": full["test_accuracy"] >= 0.96,
-            "under_15_min_wall": total["wall_s"] < 900,
+            name: {
+                "test_accuracy": run["test_accuracy"],
+                "meets_96": run["test_accuracy"] >= 0.96,
+                "under_15_min_wall": totals[name]["wall_s"] < 900,
+            }
+            for name, run in (("full", full), ("lora", lora))
         },
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
