@@ -5,7 +5,7 @@ classifier, and compare with a TF-IDF + logistic-regression baseline on the same
 
 Steps (all through scratchllm's own BPE trainer and training loop):
   1. train a 4096-id byte-level BPE on the pretraining text;
-  2. pretrain a GPT (4 layers, 192 wide, context 128, 2.6M parameters) on the shared corpora
+  2. pretrain a GPT (4 layers, 192 wide, context 128; 3.4M parameters, 2.6M as a classifier) on the shared corpora
      (Gutenberg novels, WikiText-2 valid, Tiny Shakespeare) plus, as domain text, the SMS
      messages that are in neither the validation nor the test split, without their labels
      (repeated --sms-repeat times; 0 leaves them out);
