@@ -56,6 +56,22 @@ def copy_bandwidth(device: str = "cpu", megabytes: int = 512, repeats: int = 5) 
     return 2 * src.numel() * 4 / min(times)
 
 
+def bandwidth_floor(
+    config, args, batch: int, weight_bytes: int, elem: int, bandwidth: float
+) -> dict[str, float]:
+    """The fastest a decode step can be: it reads every matmul weight once (`weight_bytes`) plus
+    this batch's KV cache (`elem` bytes per value, at the mean decode length)."""
+    kv_len = args.prompt_len + args.new_tokens // 2
+    kv = 2 * config.n_layers * batch * kv_len * config.emb_dim * elem
+    step_bytes = weight_bytes + kv
+    floor_s = step_bytes / bandwidth
+    return {
+        "bytes_per_step": step_bytes,
+        "ms_per_step": round(floor_s * 1e3, 3),
+        "max_tokens_per_s": round(batch / floor_s, 2),
+    }
+
+
 def timed(fn, repeats: int) -> float:
     """Best wall time of `fn` (each decoder syncs: it reads its tokens back every step)."""
     fn()  # warm up: allocations, kernels, lazy tables
@@ -108,18 +124,11 @@ def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float) -> di
         with torch.inference_mode():
             generate(ours, x, n, use_cache=False).cpu()
 
-    # Bytes one decode step reads: every matmul weight once, plus this batch's KV cache.
-    kv_len = args.prompt_len + args.new_tokens // 2
-    kv = 2 * config.n_layers * batch * kv_len * config.emb_dim * elem
-    step_bytes = config.matmul_parameters() * elem + kv
-    floor_s = step_bytes / bandwidth
     row = {
         "batch": batch,
-        "bandwidth_floor": {
-            "bytes_per_step": step_bytes,
-            "ms_per_step": round(floor_s * 1e3, 3),
-            "max_tokens_per_s": round(batch / floor_s, 2),
-        },
+        "bandwidth_floor": bandwidth_floor(
+            config, args, batch, config.matmul_parameters() * elem, elem, bandwidth
+        ),
         "scratchllm_engine": decode_rate(run_engine, batch, args.new_tokens, args.repeats),
         "transformers_generate": decode_rate(run_hf, batch, args.new_tokens, args.repeats),
         "scratchllm_no_kv_cache": decode_rate(run_nocache, batch, max(4, args.new_tokens // 4), 1),
@@ -186,17 +195,11 @@ def measure_int8(ours, engine, x: torch.Tensor, args, bandwidth: float) -> dict:
     def run_engine(n: int) -> None:
         engine.generate(rows, SamplingParams(max_tokens=n, stop_ids=()))
 
-    kv_len = args.prompt_len + args.new_tokens // 2
-    kv = 2 * config.n_layers * batch * kv_len * config.emb_dim * elem
-    step_bytes = linear_weight_bytes(ours) + kv
-    floor_s = step_bytes / bandwidth
     row = {
         "batch": batch,
-        "bandwidth_floor": {
-            "bytes_per_step": step_bytes,
-            "ms_per_step": round(floor_s * 1e3, 3),
-            "max_tokens_per_s": round(batch / floor_s, 2),
-        },
+        "bandwidth_floor": bandwidth_floor(
+            config, args, batch, linear_weight_bytes(ours), elem, bandwidth
+        ),
         "scratchllm_engine": decode_rate(run_engine, batch, args.new_tokens, args.repeats),
     }
     row["fraction_of_bandwidth_floor"] = round(

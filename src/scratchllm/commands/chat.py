@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scratchllm.commands._inference import add_model_arguments, load_model
+
 HELP = "chat with a checkpoint in the terminal"
 DESCRIPTION = """An interactive chat: replies stream as they are generated. The conversation is
 kept (oldest turns dropped when it outgrows the context window). Commands: /reset, /exit.
@@ -27,22 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument(
-        "--quantize",
-        default=None,
-        metavar="int8",
-        help="int8: weight-only int8 linears for faster CPU decoding (docs/serving.md)",
-    )
+    add_model_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from scratchllm.engine import ChatSession, Engine, SamplingParams
     from scratchllm.errors import InputError
-    from scratchllm.quantize import device_for
-    from scratchllm.train.checkpoint import load_checkpoint
-    from scratchllm.utils import parse_dtype, pick_device
 
     params = SamplingParams(
         max_tokens=args.max_new_tokens,
@@ -56,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
         params.validate()
     except InputError as exc:
         raise InputError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
-    device = pick_device(device_for(args.device, args.quantize))
-    ckpt = load_checkpoint(args.checkpoint, device, parse_dtype(args.dtype), args.quantize)
+    ckpt = load_model(args)
     if params.max_tokens >= ckpt.config.context_length:
         raise InputError(
             f"--max-new-tokens {params.max_tokens} leaves no room for a message in the context "

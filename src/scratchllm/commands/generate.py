@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scratchllm.commands._inference import add_model_arguments, load_model
+
 HELP = "generate text from a checkpoint"
 DESCRIPTION = """Continue a prompt with a checkpoint; prints the continuation.
 
@@ -22,28 +24,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument(
-        "--quantize",
-        default=None,
-        metavar="int8",
-        help="int8: weight-only int8 linears for faster CPU decoding (docs/serving.md)",
-    )
+    add_model_arguments(p)
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
 
 
 def run(args: argparse.Namespace) -> int:
     from scratchllm.errors import InputError
     from scratchllm.generate import generate_text
-    from scratchllm.quantize import device_for
-    from scratchllm.train.checkpoint import load_checkpoint
-    from scratchllm.utils import parse_dtype, pick_device
 
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be ≥ 0, got {args.max_new_tokens}")
-    device = pick_device(device_for(args.device, args.quantize))
-    ckpt = load_checkpoint(args.checkpoint, device, parse_dtype(args.dtype), args.quantize)
+    ckpt = load_model(args)
     prompt_len = len(ckpt.tokenizer.encode(args.prompt, allow_special=True))
     if prompt_len > ckpt.config.context_length:
         raise InputError(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scratchllm.commands._inference import add_model_arguments, load_model
+
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API"
 DESCRIPTION = """Serve a checkpoint: /v1/models, /v1/completions, /v1/chat/completions (with
 stream: true), /health, and a chat page at /. Concurrent requests are batched.
@@ -25,30 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="model id in the API (default: dir name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens allowed")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument(
-        "--quantize",
-        default=None,
-        metavar="int8",
-        help="int8: weight-only int8 linears for faster CPU decoding (docs/serving.md)",
-    )
+    add_model_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from scratchllm.engine import Engine
     from scratchllm.errors import InputError
-    from scratchllm.quantize import device_for
     from scratchllm.serve import serve
-    from scratchllm.train.checkpoint import load_checkpoint
-    from scratchllm.utils import parse_dtype, pick_device
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch < 1:
         raise InputError(f"--max-batch must be ≥ 1, got {args.max_batch}")
-    device = pick_device(device_for(args.device, args.quantize))
-    ckpt = load_checkpoint(args.checkpoint, device, parse_dtype(args.dtype), args.quantize)
+    ckpt = load_model(args)
     name = args.model_name or ckpt.path.resolve().name
     if name == "checkpoint":  # a run directory: name the model after the run
         name = ckpt.path.resolve().parent.name

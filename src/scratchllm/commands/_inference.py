@@ -1,0 +1,27 @@
+"""The model-loading flags that generate, chat and serve share, and the load they drive."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--quantize",
+        default=None,
+        metavar="int8",
+        help="int8: weight-only int8 linears for faster CPU decoding (docs/serving.md)",
+    )
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The checkpoint at `args.checkpoint` on `--device`, in `--dtype`, `--quantize`d."""
+    from scratchllm.quantize import device_for
+    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.utils import parse_dtype, pick_device
+
+    device = pick_device(device_for(args.device, args.quantize))
+    return load_checkpoint(args.checkpoint, device, parse_dtype(args.dtype), args.quantize)
