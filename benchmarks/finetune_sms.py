@@ -60,7 +60,7 @@ def sms_domain_text(work: Path, repeat: int, seed: int) -> tuple[Path, int]:
     _, val, test = split_indices(len(data), SPLIT, seed)
     held = {data.texts[i] for i in [*val, *test]}
     texts = [t for t in full.texts if t not in held]
-    rng, lines = random.Random(0), []
+    rng, lines = random.Random(0), []  # the shuffle has its own seed: `seed` picks the split
     for _ in range(repeat):
         rng.shuffle(texts)
         lines += texts

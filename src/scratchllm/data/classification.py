@@ -181,9 +181,7 @@ def encode_texts(
             cut += 1
         out.append(ids + [tokenizer.eot_id] if append_eot else ids)
     if cut:
-        log.warning(
-            "%d of %d texts were longer than %d tokens and were cut", cut, len(texts), max_length
-        )
+        log.warning("%d of %d texts were longer than %d tokens and were cut", cut, len(texts), room)
     return out, cut
 
 
