@@ -5,7 +5,9 @@ folder with `scratchllm.hub.export_hf` and loaded by both libraries (their logit
 agree first). For batch 1 and 8, fp32 and bf16, it measures decode tokens/s (prefill excluded:
 the time for 1 + N new tokens minus the time for 1), greedy, no early stop:
 
-- scratchllm `Engine.generate` (preallocated per-row KV cache),
+- scratchllm `Engine.generate` (preallocated per-row KV cache), loaded as the CLI loads it: on
+  the CPU in fp32 its linears are packed for oneDNN (`--no-pack` turns that off; the fp32 rows
+  also time the engine with plain `nn.Linear`s, and compare the two engines' greedy tokens),
 - scratchllm `generate()` without the KV cache (the book's loop, recomputing the prefix),
 - transformers `GPT2LMHeadModel.generate(use_cache=True)`.
 
@@ -95,8 +97,9 @@ def decode_rate(run, batch: int, new_tokens: int, repeats: int) -> dict[str, flo
     }
 
 
-def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float) -> dict:
-    """One (dtype, batch) cell: the three decoders and the bandwidth floor."""
+def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float, unpacked=None) -> dict:
+    """One (dtype, batch) cell: the three decoders, the bandwidth floor and, given an `unpacked`
+    engine (fp32 CPU), the engine with plain `nn.Linear`s."""
     from scratchllm.engine import SamplingParams
     from scratchllm.generate import generate
 
@@ -133,6 +136,14 @@ def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float) -> di
         "transformers_generate": decode_rate(run_hf, batch, args.new_tokens, args.repeats),
         "scratchllm_no_kv_cache": decode_rate(run_nocache, batch, max(4, args.new_tokens // 4), 1),
     }
+    if unpacked is not None:
+
+        def run_unpacked(n: int) -> None:
+            unpacked.generate(rows, SamplingParams(max_tokens=n, stop_ids=()))
+
+        row["scratchllm_engine_unpacked_linears"] = decode_rate(
+            run_unpacked, batch, args.new_tokens, args.repeats
+        )
     ours_rate = row["scratchllm_engine"]["tokens_per_s"]
     row["speedup_vs_transformers"] = round(
         ours_rate / row["transformers_generate"]["tokens_per_s"], 3
@@ -229,6 +240,7 @@ def main() -> None:
     from scratchllm import GPTModel, ModelConfig
     from scratchllm.engine import Engine
     from scratchllm.hub import export_hf
+    from scratchllm.quantize import can_pack
     from scratchllm.tokenizer import load_tokenizer
     from scratchllm.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -248,11 +260,13 @@ def main() -> None:
     parity: dict[str, float] = {}
     greedy: dict[str, list[list[int]]] = {}  # each dtype's engine tokens on the prompts
     forced: dict[str, float] = {}  # teacher-forced top-1 agreement with the fp32 engine
+    packed_agreement: dict[str, dict] = {}  # packed vs plain linears, greedy tokens
     rows_all = prompts[: max(batches)].tolist()
 
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        ours = load_checkpoint(tmp / "ours", args.device, dtype).model.eval()
+        # As `generate`/`chat`/`serve` load it: fp32 CPU linears packed for oneDNN.
+        ours = load_checkpoint(tmp / "ours", args.device, dtype, pack=True).model.eval()
         theirs = GPT2LMHeadModel.from_pretrained(tmp / "hf", dtype=dtype).to(args.device).eval()
         with torch.inference_mode():
             a = ours(prompts[:1]).float()
@@ -260,17 +274,24 @@ def main() -> None:
         parity[dtype_name] = float((a - b).abs().max())
         engine = Engine(ours, tokenizer, max_batch=max(batches))
         greedy[dtype_name] = greedy_tokens(engine, rows_all, args.new_tokens)
+        plain = load_checkpoint(tmp / "ours", args.device, dtype).model
+        unpacked = Engine(plain, tokenizer, max_batch=max(batches)) if can_pack(plain) else None
+        if unpacked is not None:  # same fp32 products in another order: same greedy tokens?
+            plain_tokens = greedy_tokens(unpacked, rows_all, args.new_tokens)
+            packed_agreement[dtype_name] = agreement(plain_tokens, greedy[dtype_name])
         if "float32" in greedy and dtype_name != "float32":
             forced[dtype_name] = teacher_forced_agreement(ours, rows_all, greedy["float32"])
         for batch in batches:
             row = {
                 "dtype": dtype_name,
-                **measure(ours, theirs, engine, prompts[:batch], args, bandwidth),
+                **measure(ours, theirs, engine, prompts[:batch], args, bandwidth, unpacked),
             }
             results.append(row)
             ours_rate = row["scratchllm_engine"]["tokens_per_s"]
+            plain_rate = row.get("scratchllm_engine_unpacked_linears", {}).get("tokens_per_s")
             print(
-                f"{dtype_name:9s} batch {batch}: scratchllm {ours_rate:8.1f} tok/s | "
+                f"{dtype_name:9s} batch {batch}: scratchllm {ours_rate:8.1f} tok/s "
+                f"(unpacked {plain_rate}) | "
                 f"transformers {row['transformers_generate']['tokens_per_s']:8.1f} | "
                 f"no cache {row['scratchllm_no_kv_cache']['tokens_per_s']:7.1f} | "
                 f"floor {row['bandwidth_floor']['max_tokens_per_s']:8.1f} "
@@ -338,6 +359,7 @@ def main() -> None:
         "median_speedup_vs_transformers": statistics.median(
             r["speedup_vs_transformers"] for r in results
         ),
+        "packed_vs_unpacked_greedy_agreement": packed_agreement,
         "int8_results": int8_results,
         "greedy_agreement_vs_fp32_engine": {
             "prompts": len(rows_all),

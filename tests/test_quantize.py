@@ -1,4 +1,5 @@
-"""Weight-only int8 quantization: error bounds, greedy agreement, engine batching and the CLI flag."""
+"""CPU decoding weight formats: weight-only int8 (error bounds, greedy agreement, engine batching,
+the CLI flag) and oneDNN-packed fp32 linears (same outputs as nn.Linear, on by default in the CLI)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from scratchllm.engine import Engine, SamplingParams
 from scratchllm.model.lora import LoRALinear, apply_lora, has_lora
 from scratchllm.quantize import (
     Int8Linear,
+    PackedLinear,
+    can_pack,
     check_quantize,
     linear_weight_bytes,
+    pack_linears,
     quantize_int8,
     quantize_weight,
 )
@@ -229,3 +233,86 @@ def test_generate_command_with_quantize_flag(checkpoint, capsys):
     assert main([*argv, "--quantize", "int4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--quantize" in err[0] and "int4" in err[0]
+
+
+# -- oneDNN-packed fp32 linears ---------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(
+    not can_pack(make_model()), reason="this torch build has no oneDNN linear"
+)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(33, 17), (768, 3072), (50, 100)])
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 7)])
+def test_packed_linear_equals_nn_linear(shape, rows):
+    torch.manual_seed(0)
+    out_f, in_f = shape
+    layer = nn.Linear(in_f, out_f)
+    packed = PackedLinear(layer)
+    x = torch.randn(*rows, in_f)
+    with torch.no_grad():
+        ref, out = layer(x), packed(x)
+    assert out.shape == ref.shape == (*rows, out_f)
+    # Same fp32 products, another summation order: a few ulps of the sum of |terms|.
+    bound = 4 * in_f * torch.finfo(torch.float32).eps * (x.abs() @ layer.weight.abs().T + 1)
+    assert (out - ref).abs().le(bound).all()
+    assert "packed_weight" not in packed.state_dict()
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_packed_model_keeps_greedy_tokens_and_batching(kind):
+    model = make_model(kind, tie_embeddings=kind == "gpt2")
+    packed = pack_linears(copy.deepcopy(model))
+    assert isinstance(packed.out_head, PackedLinear)
+    assert all(isinstance(b.ff.fc1, PackedLinear) for b in packed.trf_blocks)
+    assert linear_weight_bytes(packed) == linear_weight_bytes(model)
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, stop_ids=())
+    ref = Engine(model, ByteTokenizer()).generate(PROMPTS, params)
+    alone = [Engine(packed, ByteTokenizer()).generate([p], params)[0][0] for p in PROMPTS]
+    together = Engine(packed, ByteTokenizer(), max_batch=8).generate(PROMPTS, params)
+    assert [c.token_ids for c in alone] == [c[0].token_ids for c in ref]
+    assert [c[0].token_ids for c in together] == [c[0].token_ids for c in ref]
+
+
+@needs_onednn
+def test_packed_model_refuses_gradients_and_merges_lora():
+    model = make_model()
+    apply_lora(model, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(std=0.05)
+        ids = torch.tensor([PROMPTS[1]])
+        adapted = model(ids)
+        packed = pack_linears(model)
+        assert not has_lora(packed)
+        assert torch.allclose(packed(ids), adapted, atol=1e-5)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        packed.trf_blocks[0].ff.fc1(torch.randn(1, 32, requires_grad=True))
+
+
+def test_models_that_cannot_be_packed_are_left_as_they_are():
+    bf16 = pack_linears(make_model().to(torch.bfloat16))
+    assert type(bf16.out_head) is nn.Linear
+    assert all(type(b.att.qkv) is nn.Linear for b in bf16.trf_blocks)
+
+
+@needs_onednn
+def test_cli_packs_by_default_and_no_pack_gives_the_same_text(checkpoint, capsys):
+    from scratchllm.cli import build_parser, main
+    from scratchllm.commands._inference import load_model
+    from scratchllm.generate import generate_text
+    from scratchllm.train.checkpoint import load_checkpoint
+
+    path, model = checkpoint
+    argv = ["generate", "--checkpoint", str(path), "--prompt", "abc", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    packed_text = capsys.readouterr().out
+    assert main([*argv, "--no-pack"]) == 0
+    assert capsys.readouterr().out == packed_text
+    assert packed_text == generate_text(model, ByteTokenizer(), "abc", max_new_tokens=12) + "\n"
+    args = build_parser().parse_args(["generate", "--checkpoint", str(path), "--prompt", "x"])
+    assert isinstance(load_model(args).model.out_head, PackedLinear)
+    assert type(load_checkpoint(path).model.out_head) is nn.Linear  # the library default

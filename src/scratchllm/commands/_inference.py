@@ -15,13 +15,25 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="int8",
         help="int8: weight-only int8 linears for faster CPU decoding (docs/serving.md)",
     )
+    p.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="keep fp32 CPU linears as they are (default: packed for oneDNN, faster decoding)",
+    )
 
 
 def load_model(args: argparse.Namespace) -> Any:
-    """The checkpoint at `args.checkpoint` on `--device`, in `--dtype`, `--quantize`d."""
+    """The checkpoint at `args.checkpoint` on `--device`, in `--dtype`, `--quantize`d, its fp32
+    CPU linears packed unless `--no-pack`."""
     from scratchllm.quantize import device_for
     from scratchllm.train.checkpoint import load_checkpoint
     from scratchllm.utils import parse_dtype, pick_device
 
     device = pick_device(device_for(args.device, args.quantize))
-    return load_checkpoint(args.checkpoint, device, parse_dtype(args.dtype), args.quantize)
+    return load_checkpoint(
+        args.checkpoint,
+        device,
+        parse_dtype(args.dtype),
+        args.quantize,
+        pack=not args.no_pack,
+    )
