@@ -14,11 +14,11 @@ the time for 1 + N new tokens minus the time for 1), greedy, no early stop:
 It also estimates the memory-bandwidth floor of a decode step: the bytes of weights every step
 must read (plus the KV cache), divided by a measured copy bandwidth.
 
-`int8_results` adds the engine with weight-only int8 linears (`--quantize int8`) for each
-activation dtype: decode tokens/s, its own bandwidth floor (int8 weights + scales + KV cache), the
-speedup over transformers fp32 at the same batch, and the fraction of greedy tokens identical to
-the fp32 engine's on the benchmark prompts (bf16's agreement is given for scale: random weights
-have near-ties). Run it under the bench lock:
+`quantized_results` adds the engine with fp16 weights (`--quantize fp16`, fp32 activations) and
+with weight-only int8 linears (`--quantize int8`, each activation dtype): decode tokens/s, its own
+bandwidth floor (the smaller weights + scales + KV cache), the speedup over transformers fp32 at
+the same batch, and the fraction of greedy tokens identical to the fp32 engine's on the
+benchmark prompts (bf16's agreement is given for scale: random weights have near-ties). Run it under the bench lock:
 
     flock /tmp/scratchllm-bench.lock .venv/bin/python benchmarks/inference.py
 """
@@ -193,8 +193,8 @@ def teacher_forced_agreement(model, rows: list[list[int]], ref: list[list[int]])
     return round(float((top == torch.tensor(ref)).float().mean()), 4)
 
 
-def measure_int8(ours, engine, x: torch.Tensor, args, bandwidth: float) -> dict:
-    """One int8 cell: the engine's decode rate and its bandwidth floor."""
+def measure_quantized(ours, engine, x: torch.Tensor, args, bandwidth: float) -> dict:
+    """One fp16/int8-weights cell: the engine's decode rate and its bandwidth floor."""
     from scratchllm.engine import SamplingParams
     from scratchllm.quantize import linear_weight_bytes
 
@@ -230,7 +230,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
+    parser.add_argument(
+        "--no-quantized", action="store_true", help="skip the fp16- and int8-weight rows"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -299,21 +301,22 @@ def main() -> None:
                 flush=True,
             )
 
-    int8_results: list[dict] = []
+    quantized_results: list[dict] = []
     agree_ref = greedy.get("float32")
-    for dtype_name in [] if args.no_int8 or args.device != "cpu" else args.dtypes.split(","):
+    formats = [("fp16", "float32")] + [("int8", d) for d in args.dtypes.split(",")]
+    for fmt, dtype_name in [] if args.no_quantized or args.device != "cpu" else formats:
         dtype = getattr(torch, dtype_name)
-        ours = load_checkpoint(tmp / "ours", "cpu", dtype, quantize="int8").model.eval()
+        ours = load_checkpoint(tmp / "ours", "cpu", dtype, quantize=fmt).model.eval()
         engine = Engine(ours, tokenizer, max_batch=max(batches))
         tokens = greedy_tokens(engine, rows_all, args.new_tokens)
-        greedy[f"int8/{dtype_name}"] = tokens
+        greedy[f"{fmt}/{dtype_name}"] = tokens
         if agree_ref is not None:
-            forced[f"int8/{dtype_name}"] = teacher_forced_agreement(ours, rows_all, agree_ref)
+            forced[f"{fmt}/{dtype_name}"] = teacher_forced_agreement(ours, rows_all, agree_ref)
         for batch in batches:
             row = {
-                "weights": "int8",
+                "weights": fmt,
                 "activations": dtype_name,
-                **measure_int8(ours, engine, prompts[:batch], args, bandwidth),
+                **measure_quantized(ours, engine, prompts[:batch], args, bandwidth),
             }
             rate = row["scratchllm_engine"]["tokens_per_s"]
             for r in results:  # the fp32 rows at this batch, measured above
@@ -328,9 +331,9 @@ def main() -> None:
                 row["greedy_agreement_vs_fp32_engine"] = agreement(
                     agree_ref[:batch], tokens[:batch]
                 )
-            int8_results.append(row)
+            quantized_results.append(row)
             print(
-                f"int8/{dtype_name:9s} batch {batch}: scratchllm {rate:8.1f} tok/s | "
+                f"{fmt}/{dtype_name:9s} batch {batch}: scratchllm {rate:8.1f} tok/s | "
                 f"vs transformers fp32 {row.get('speedup_vs_transformers_fp32', float('nan')):.2f}x | "
                 f"floor {row['bandwidth_floor']['max_tokens_per_s']:8.1f} "
                 f"({row['fraction_of_bandwidth_floor']:.0%}) | greedy agreement "
@@ -360,7 +363,7 @@ def main() -> None:
             r["speedup_vs_transformers"] for r in results
         ),
         "packed_vs_unpacked_greedy_agreement": packed_agreement,
-        "int8_results": int8_results,
+        "quantized_results": quantized_results,
         "greedy_agreement_vs_fp32_engine": {
             "prompts": len(rows_all),
             "new_tokens": args.new_tokens,

@@ -13,12 +13,14 @@ from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
 from scratchllm.engine import Engine, SamplingParams
 from scratchllm.model.lora import LoRALinear, apply_lora, has_lora
 from scratchllm.quantize import (
+    Fp16Linear,
     Int8Linear,
     PackedLinear,
     can_pack,
     check_quantize,
     linear_weight_bytes,
     pack_linears,
+    quantize_fp16,
     quantize_int8,
     quantize_weight,
 )
@@ -316,3 +318,72 @@ def test_cli_packs_by_default_and_no_pack_gives_the_same_text(checkpoint, capsys
     args = build_parser().parse_args(["generate", "--checkpoint", str(path), "--prompt", "x"])
     assert isinstance(load_model(args).model.out_head, PackedLinear)
     assert type(load_checkpoint(path).model.out_head) is nn.Linear  # the library default
+
+
+# -- fp16 weights --------------------------------------------------------------------------------
+
+needs_fbgemm = pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm in this torch"
+)
+
+
+@needs_fbgemm
+def test_fp16_linear_rounds_only_the_weights():
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 200)
+    with torch.no_grad():
+        layer.weight.mul_(torch.logspace(-3, 1, 200)[:, None])  # rows of very different scale
+    q = Fp16Linear(layer)
+    w16 = q.weight_fp32()
+    assert torch.equal(w16, layer.weight.detach().half().float())  # round-to-nearest fp16
+    x = torch.randn(3, 5, 96)
+    with torch.no_grad():
+        ref, out = layer(x), q(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    # |ΔW| ≤ 2⁻¹¹|W| per weight, plus fp32 summation rounding.
+    bound = (2.0**-11 + 96 * 2.0**-23) * (x.abs() @ layer.weight.detach().abs().T) + 1e-6
+    assert ((out - ref).abs() <= bound).all()
+    assert (out - ref).abs().max() > 0  # the weights really are rounded
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_fp16_model_halves_bytes_and_keeps_greedy_tokens(kind):
+    model = make_model(kind, tie_embeddings=kind == "gpt2")
+    quant = quantize_fp16(copy.deepcopy(model))
+    assert [n for n, m in quant.named_modules() if isinstance(m, nn.Linear)] == []
+    assert isinstance(quant.out_head, Fp16Linear)
+    assert torch.equal(quant.tok_emb.weight, model.tok_emb.weight)  # the embedding stays fp32
+    assert linear_weight_bytes(model) == 2 * linear_weight_bytes(quant)
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        a, b = model(ids), quant(ids)
+    assert 0 < float((a - b).abs().max() / a.std()) < 0.005
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, stop_ids=())
+    ref = Engine(model, ByteTokenizer()).generate(PROMPTS, params)
+    alone = [Engine(quant, ByteTokenizer()).generate([p], params)[0][0] for p in PROMPTS]
+    together = Engine(quant, ByteTokenizer(), max_batch=8).generate(PROMPTS, params)
+    assert [c.token_ids for c in alone] == [c[0].token_ids for c in ref]
+    assert [c[0].token_ids for c in together] == [c[0].token_ids for c in ref]
+
+
+@needs_fbgemm
+def test_fp16_from_the_cli_and_checkpoint(checkpoint, capsys):
+    from scratchllm.cli import main
+    from scratchllm.generate import generate_text
+    from scratchllm.train.checkpoint import load_checkpoint
+
+    path, model = checkpoint
+    ckpt = load_checkpoint(path, "cpu", torch.bfloat16, quantize="fp16")
+    assert isinstance(ckpt.model.trf_blocks[0].att.qkv, Fp16Linear)
+    assert ckpt.model.tok_emb.weight.dtype == torch.bfloat16
+    argv = ["generate", "--checkpoint", str(path), "--prompt", "abc", "--max-new-tokens", "12"]
+    assert main([*argv, "--quantize", "fp16"]) == 0
+    expected = generate_text(
+        quantize_fp16(copy.deepcopy(model)), ByteTokenizer(), "abc", max_new_tokens=12
+    )
+    assert capsys.readouterr().out == expected + "\n"
+    assert check_quantize("fp16", "cpu") == "fp16"
+    with pytest.raises(InputError, match="CPU"):
+        check_quantize("fp16", "cuda")

@@ -12,8 +12,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize",
         default=None,
-        metavar="int8",
-        help="int8: weight-only int8 linears for faster CPU decoding (docs/serving.md)",
+        metavar="{fp16,int8}",
+        help="CPU decoding with smaller weights: fp16 (half the bytes, near-fp32 logits) or "
+        "int8 (a quarter, coarser); docs/serving.md",
     )
     p.add_argument(
         "--no-pack",

@@ -298,7 +298,7 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load model, tokenizer and metadata; raise `CheckpointError` naming what is wrong.
 
-    `quantize="int8"`: weight-only int8 linears for CPU decoding (`scratchllm.quantize`).
+    `quantize="fp16"` or `"int8"`: smaller linear weights for CPU decoding (`scratchllm.quantize`).
     `pack=True`: fp32 linears on the CPU are packed for oneDNN (faster decoding, inference only);
     anything else is left as it is.
     """
