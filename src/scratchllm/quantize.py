@@ -1,7 +1,7 @@
-"""Weight formats for CPU decoding: oneDNN-packed fp32 linears and weight-only int8.
+"""Weight formats for CPU decoding: oneDNN-packed fp32, fp16 weights and weight-only int8.
 
 A decode step reads every linear weight once to produce one token per sequence, so its speed is
-set by how fast the matmul streams those weights from memory. Two formats speed that up:
+set by how fast the matmul streams those weights from memory. Three formats speed that up:
 
 **Packed fp32** (`pack_linears`, on by default in `generate`/`chat`/`serve` on the CPU): each
 `nn.Linear` becomes a `PackedLinear` whose weight oneDNN has reordered once, at load time, into the
@@ -16,10 +16,11 @@ fbgemm, whose AVX2 kernel widens it to fp32 on the fly; activations, accumulatio
 stay fp32. Half the bytes of fp32, and on the machine above the fastest CPU decode here (faster
 than int8, whose kernel is compute-bound), with logits within ~0.1% of fp32's.
 
-**Weight-only int8** (`quantize_int8`, `--quantize int8`): every `nn.Linear` of the transformer blocks and the output head becomes an `Int8Linear`: an int8
-weight (out, in) with one symmetric scale per output channel (absmax / 127), so a decode step
-reads a quarter of the fp32 weight bytes. Activations stay floating point (weight-only): the
-embeddings, norms, attention and the KV cache are untouched.
+**Weight-only int8** (`quantize_int8`, `--quantize int8`): every `nn.Linear` of the transformer
+blocks and the output head becomes an `Int8Linear`: an int8 weight (out, in) with one symmetric
+scale per output channel (absmax / 127), so a decode step reads a quarter of the fp32 weight
+bytes. Activations stay floating point (weight-only): the embeddings, norms, attention and the
+KV cache are untouched.
 
 The matmul is `torch.ops.aten._weight_int8pack_mm`, which accumulates in fp32. On the AVX2 CPU
 this was measured on, its bfloat16-activation kernel is the fast one: its fp32-activation kernel
