@@ -19,7 +19,8 @@ before and one after the decode timings; the floors printed during the run use t
 with weight-only int8 linears (`--quantize int8`, each activation dtype): decode tokens/s, its own
 bandwidth floor (the smaller weights + scales + KV cache), the speedup over transformers fp32 at
 the same batch, and the fraction of greedy tokens identical to the fp32 engine's on the
-benchmark prompts (bf16's agreement is given for scale: random weights have near-ties). Run it under the bench lock:
+benchmark prompts (bf16's agreement is given for scale: random weights have near-ties). Run it
+under the bench lock:
 
     flock /tmp/scratchllm-bench.lock .venv/bin/python benchmarks/inference.py
 """
@@ -290,8 +291,10 @@ def main() -> None:
         parity[dtype_name] = float((a - b).abs().max())
         engine = Engine(ours, tokenizer, max_batch=max(batches))
         greedy[dtype_name] = greedy_tokens(engine, rows_all, args.new_tokens)
-        plain = load_checkpoint(tmp / "ours", args.device, dtype).model
-        unpacked = Engine(plain, tokenizer, max_batch=max(batches)) if can_pack(plain) else None
+        unpacked = None  # packing applies to fp32 on the CPU only
+        if dtype == torch.float32:
+            plain = load_checkpoint(tmp / "ours", args.device, dtype).model
+            unpacked = Engine(plain, tokenizer, max_batch=max(batches)) if can_pack(plain) else None
         if unpacked is not None:  # same fp32 products in another order: same greedy tokens?
             plain_tokens = greedy_tokens(unpacked, rows_all, args.new_tokens)
             packed_agreement[dtype_name] = agreement(plain_tokens, greedy[dtype_name])

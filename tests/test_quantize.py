@@ -239,6 +239,17 @@ def test_generate_command_with_quantize_flag(checkpoint, capsys):
 
 # -- oneDNN-packed fp32 linears ---------------------------------------------------------------
 
+
+def assert_same_greedy_alone_and_batched(model: GPTModel, converted: GPTModel) -> None:
+    """`converted` decodes `model`'s greedy tokens for every prompt, one by one and batched."""
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, stop_ids=())
+    ref = [c[0].token_ids for c in Engine(model, ByteTokenizer()).generate(PROMPTS, params)]
+    alone = [Engine(converted, ByteTokenizer()).generate([p], params)[0][0] for p in PROMPTS]
+    together = Engine(converted, ByteTokenizer(), max_batch=8).generate(PROMPTS, params)
+    assert [c.token_ids for c in alone] == ref
+    assert [c[0].token_ids for c in together] == ref
+
+
 needs_onednn = pytest.mark.skipif(
     not can_pack(make_model()), reason="this torch build has no oneDNN linear"
 )
@@ -270,12 +281,7 @@ def test_packed_model_keeps_greedy_tokens_and_batching(kind):
     assert isinstance(packed.out_head, PackedLinear)
     assert all(isinstance(b.ff.fc1, PackedLinear) for b in packed.trf_blocks)
     assert linear_weight_bytes(packed) == linear_weight_bytes(model)
-    params = SamplingParams(max_tokens=GREEDY_TOKENS, stop_ids=())
-    ref = Engine(model, ByteTokenizer()).generate(PROMPTS, params)
-    alone = [Engine(packed, ByteTokenizer()).generate([p], params)[0][0] for p in PROMPTS]
-    together = Engine(packed, ByteTokenizer(), max_batch=8).generate(PROMPTS, params)
-    assert [c.token_ids for c in alone] == [c[0].token_ids for c in ref]
-    assert [c[0].token_ids for c in together] == [c[0].token_ids for c in ref]
+    assert_same_greedy_alone_and_batched(model, packed)
 
 
 @needs_onednn
@@ -360,12 +366,7 @@ def test_fp16_model_halves_bytes_and_keeps_greedy_tokens(kind):
     with torch.no_grad():
         a, b = model(ids), quant(ids)
     assert 0 < float((a - b).abs().max() / a.std()) < 0.005
-    params = SamplingParams(max_tokens=GREEDY_TOKENS, stop_ids=())
-    ref = Engine(model, ByteTokenizer()).generate(PROMPTS, params)
-    alone = [Engine(quant, ByteTokenizer()).generate([p], params)[0][0] for p in PROMPTS]
-    together = Engine(quant, ByteTokenizer(), max_batch=8).generate(PROMPTS, params)
-    assert [c.token_ids for c in alone] == [c[0].token_ids for c in ref]
-    assert [c[0].token_ids for c in together] == [c[0].token_ids for c in ref]
+    assert_same_greedy_alone_and_batched(model, quant)
 
 
 @needs_fbgemm
