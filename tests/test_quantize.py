@@ -153,16 +153,22 @@ def test_bfloat16_model_quantizes_and_runs():
     assert all(len(c[0].token_ids) <= 8 for c in out)
 
 
-def test_lora_is_merged_before_quantizing():
+def adapted_model() -> tuple[GPTModel, torch.Tensor, torch.Tensor]:
+    """A model with LoRA adapters holding a non-zero update (so merging matters), a prompt and
+    the adapted model's logits for it."""
     model = make_model()
     apply_lora(model, rank=2, alpha=4.0)
+    ids = torch.tensor([PROMPTS[1]])
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
-                m.lora_B.normal_(std=0.05)  # a non-zero update, so merging matters
-    ids = torch.tensor([PROMPTS[1]])
-    with torch.no_grad():
+                m.lora_B.normal_(std=0.05)
         adapted = model(ids)
+    return model, ids, adapted
+
+
+def test_lora_is_merged_before_quantizing():
+    model, ids, adapted = adapted_model()
     quant = quantize_int8(model)
     assert not has_lora(quant)
     with torch.no_grad():
@@ -286,14 +292,8 @@ def test_packed_model_keeps_greedy_tokens_and_batching(kind):
 
 @needs_onednn
 def test_packed_model_refuses_gradients_and_merges_lora():
-    model = make_model()
-    apply_lora(model, rank=2, alpha=4.0)
+    model, ids, adapted = adapted_model()
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.normal_(std=0.05)
-        ids = torch.tensor([PROMPTS[1]])
-        adapted = model(ids)
         packed = pack_linears(model)
         assert not has_lora(packed)
         assert torch.allclose(packed(ids), adapted, atol=1e-5)
