@@ -5,15 +5,20 @@ folder with `scratchllm.hub.export_hf` and loaded by both libraries (their logit
 agree first). For batch 1 and 8, fp32 and bf16, it measures decode tokens/s (prefill excluded:
 the time for 1 + N new tokens minus the time for 1), greedy, no early stop:
 
-- scratchllm `Engine.generate` (preallocated per-row KV cache), loaded as the CLI loads it: on
-  the CPU in fp32 its linears are packed for oneDNN (`--no-pack` turns that off; the fp32 rows
-  also time the engine with plain `nn.Linear`s, and compare the two engines' greedy tokens),
+- scratchllm `Engine.generate` (preallocated per-row KV cache), loaded as `serve` loads it: on
+  the CPU in fp32 its linears are packed in both layouts (one row, i.e. batch 1: the split GEMV
+  that `chat` and `generate` use alone; several rows: oneDNN). The fp32 rows also time the
+  engine with plain `nn.Linear`s (`--no-pack`) and with the oneDNN layout alone (`--pack
+  onednn`), and compare the packed and plain engines' greedy tokens,
 - scratchllm `generate()` without the KV cache (the book's loop, recomputing the prefix),
 - transformers `GPT2LMHeadModel.generate(use_cache=True)`.
 
 It also estimates the memory-bandwidth floor of a decode step: the bytes of weights every step
-must read (plus the KV cache), divided by a measured copy bandwidth (the better of a copy timed
-before and one after the decode timings; the floors printed during the run use the first).
+must read (plus the KV cache), divided by a measured copy bandwidth (bytes read + written by a
+large copy; the better of a copy timed before and one after the decode timings; the floors
+printed during the run use the first). A decode step only reads its weights, and on the CPU a
+read-only stream (a large `sum`) is faster than a copy, so each row also gives the stricter
+floor at that read bandwidth (`read_bandwidth_floor`).
 
 `quantized_results` adds the engine with fp16 weights (`--quantize fp16`, fp32 activations) and
 with weight-only int8 linears (`--quantize int8`, each activation dtype): decode tokens/s, its own
@@ -60,6 +65,20 @@ def copy_bandwidth(device: str = "cpu", megabytes: int = 512, repeats: int = 5) 
     return 2 * src.numel() * 4 / min(times)
 
 
+def read_bandwidth(device: str = "cpu", megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor sum (each byte read once): what a decode step's matmuls do."""
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    src.sum()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        src.sum()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return src.numel() * 4 / min(times)
+
+
 def bandwidth_floor(
     config, args, batch: int, weight_bytes: int, elem: int, bandwidth: float
 ) -> dict[str, float]:
@@ -79,14 +98,12 @@ def floor_for(step_bytes: int, batch: int, bandwidth: float) -> dict[str, float]
     }
 
 
-def refloor(row: dict, bandwidth: float) -> None:
-    """Recompute `row`'s floor and our share of it for the run's final `bandwidth`."""
-    row["bandwidth_floor"] = floor_for(
-        row["bandwidth_floor"]["bytes_per_step"], row["batch"], bandwidth
-    )
-    row["fraction_of_bandwidth_floor"] = round(
-        row["scratchllm_engine"]["tokens_per_s"] / row["bandwidth_floor"]["max_tokens_per_s"], 3
-    )
+def refloor(row: dict, bandwidth: float, read: float) -> None:
+    """Recompute `row`'s floors and our share of them for the run's final bandwidths."""
+    rate = row["scratchllm_engine"]["tokens_per_s"]
+    for key, bw in (("bandwidth_floor", bandwidth), ("read_bandwidth_floor", read)):
+        row[key] = floor_for(row["bandwidth_floor"]["bytes_per_step"], row["batch"], bw)
+        row[f"fraction_of_{key}"] = round(rate / row[key]["max_tokens_per_s"], 3)
 
 
 def timed(fn, repeats: int) -> float:
@@ -112,9 +129,9 @@ def decode_rate(run, batch: int, new_tokens: int, repeats: int) -> dict[str, flo
     }
 
 
-def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float, unpacked=None) -> dict:
-    """One (dtype, batch) cell: the three decoders, the bandwidth floor and, given an `unpacked`
-    engine (fp32 CPU), the engine with plain `nn.Linear`s."""
+def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float, variants=None) -> dict:
+    """One (dtype, batch) cell: the three decoders, the bandwidth floor and the engine `variants`
+    ({name: Engine}: fp32 CPU with plain `nn.Linear`s, with the oneDNN layout alone)."""
     from scratchllm.engine import SamplingParams
     from scratchllm.generate import generate
 
@@ -151,13 +168,13 @@ def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float, unpac
         "transformers_generate": decode_rate(run_hf, batch, args.new_tokens, args.repeats),
         "scratchllm_no_kv_cache": decode_rate(run_nocache, batch, max(4, args.new_tokens // 4), 1),
     }
-    if unpacked is not None:
+    for name, variant in (variants or {}).items():
 
-        def run_unpacked(n: int) -> None:
-            unpacked.generate(rows, SamplingParams(max_tokens=n, stop_ids=()))
+        def run_variant(n: int, variant=variant) -> None:
+            variant.generate(rows, SamplingParams(max_tokens=n, stop_ids=()))
 
-        row["scratchllm_engine_unpacked_linears"] = decode_rate(
-            run_unpacked, batch, args.new_tokens, args.repeats
+        row[f"scratchllm_engine_{name}"] = decode_rate(
+            run_variant, batch, args.new_tokens, args.repeats
         )
     ours_rate = row["scratchllm_engine"]["tokens_per_s"]
     row["speedup_vs_transformers"] = round(
@@ -273,6 +290,7 @@ def main() -> None:
     prompts = torch.randint(0, 50000, (max(batches), args.prompt_len), generator=gen)
     prompts = prompts.to(args.device)
     bandwidth = copy_bandwidth(args.device)
+    read_before = read_bandwidth(args.device)
     results: list[dict] = []
     parity: dict[str, float] = {}
     greedy: dict[str, list[list[int]]] = {}  # each dtype's engine tokens on the prompts
@@ -282,7 +300,8 @@ def main() -> None:
 
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        # As `generate`/`chat`/`serve` load it: fp32 CPU linears packed for oneDNN.
+        # As `serve` loads it: fp32 CPU linears packed in both layouts (one row: the split GEMV
+        # that `chat` and `generate` use alone; several rows: oneDNN).
         ours = load_checkpoint(tmp / "ours", args.device, dtype, pack=True).model.eval()
         theirs = GPT2LMHeadModel.from_pretrained(tmp / "hf", dtype=dtype).to(args.device).eval()
         with torch.inference_mode():
@@ -291,32 +310,38 @@ def main() -> None:
         parity[dtype_name] = float((a - b).abs().max())
         engine = Engine(ours, tokenizer, max_batch=max(batches))
         greedy[dtype_name] = greedy_tokens(engine, rows_all, args.new_tokens)
-        unpacked = None  # packing applies to fp32 on the CPU only
-        if dtype == torch.float32:
-            plain = load_checkpoint(tmp / "ours", args.device, dtype).model
-            unpacked = Engine(plain, tokenizer, max_batch=max(batches)) if can_pack(plain) else None
-        if unpacked is not None:  # same fp32 products in another order: same greedy tokens?
-            plain_tokens = greedy_tokens(unpacked, rows_all, args.new_tokens)
+        variants = {}  # packing applies to fp32 on the CPU only
+        plain = load_checkpoint(tmp / "ours", args.device, dtype).model
+        if can_pack(plain):
+            variants["unpacked_linears"] = Engine(plain, tokenizer, max_batch=max(batches))
+            onednn = load_checkpoint(tmp / "ours", args.device, dtype, pack="onednn").model
+            variants["onednn_layout_only"] = Engine(onednn, tokenizer, max_batch=max(batches))
+            # Same fp32 products in another order: same greedy tokens?
+            plain_tokens = greedy_tokens(variants["unpacked_linears"], rows_all, args.new_tokens)
             packed_agreement[dtype_name] = agreement(plain_tokens, greedy[dtype_name])
+        del plain
         if "float32" in greedy and dtype_name != "float32":
             forced[dtype_name] = teacher_forced_agreement(ours, rows_all, greedy["float32"])
         for batch in batches:
             row = {
                 "dtype": dtype_name,
-                **measure(ours, theirs, engine, prompts[:batch], args, bandwidth, unpacked),
+                **measure(ours, theirs, engine, prompts[:batch], args, bandwidth, variants),
             }
             results.append(row)
             ours_rate = row["scratchllm_engine"]["tokens_per_s"]
-            plain_rate = row.get("scratchllm_engine_unpacked_linears", {}).get("tokens_per_s")
+            others = ", ".join(
+                f"{name} {row[f'scratchllm_engine_{name}']['tokens_per_s']}" for name in variants
+            )
             print(
                 f"{dtype_name:9s} batch {batch}: scratchllm {ours_rate:8.1f} tok/s "
-                f"(unpacked {plain_rate}) | "
+                f"({others or 'no variants'}) | "
                 f"transformers {row['transformers_generate']['tokens_per_s']:8.1f} | "
                 f"no cache {row['scratchllm_no_kv_cache']['tokens_per_s']:7.1f} | "
                 f"floor {row['bandwidth_floor']['max_tokens_per_s']:8.1f} "
                 f"({row['fraction_of_bandwidth_floor']:.0%})",
                 flush=True,
             )
+        del variants, engine, ours, theirs
 
     quantized_results: list[dict] = []
     agree_ref = greedy.get("float32")
@@ -361,8 +386,10 @@ def main() -> None:
     # best of a measurement before and one after the timings (the stricter floor).
     bandwidth_after = copy_bandwidth(args.device)
     bandwidth_before, bandwidth = bandwidth, max(bandwidth, bandwidth_after)
+    read_after = read_bandwidth(args.device)
+    read = max(read_before, read_after)
     for row in results + quantized_results:
-        refloor(row, bandwidth)
+        refloor(row, bandwidth, read)
     reference_agreement = {
         name: {**agreement(agree_ref, tokens), "teacher_forced_top1": forced.get(name)}
         for name, tokens in greedy.items()
@@ -383,6 +410,11 @@ def main() -> None:
         "copy_bandwidth_before_after_GBps": [
             round(bandwidth_before / 1e9, 2),
             round(bandwidth_after / 1e9, 2),
+        ],
+        "read_bandwidth_GBps": round(read / 1e9, 2),
+        "read_bandwidth_before_after_GBps": [
+            round(read_before / 1e9, 2),
+            round(read_after / 1e9, 2),
         ],
         "logit_max_abs_diff_vs_transformers": parity,
         "results": results,

@@ -16,8 +16,9 @@ from scratchllm.quantize import (
     Fp16Linear,
     Int8Linear,
     PackedLinear,
-    can_pack,
     check_quantize,
+    gemv_splits,
+    has_onednn,
     linear_weight_bytes,
     pack_linears,
     quantize_fp16,
@@ -256,19 +257,40 @@ def assert_same_greedy_alone_and_batched(model: GPTModel, converted: GPTModel) -
     assert [c[0].token_ids for c in together] == ref
 
 
-needs_onednn = pytest.mark.skipif(
-    not can_pack(make_model()), reason="this torch build has no oneDNN linear"
-)
+needs_onednn = pytest.mark.skipif(not has_onednn(), reason="this torch build has no oneDNN linear")
+LAYOUTS = [
+    "gemv",
+    pytest.param("onednn", marks=needs_onednn),
+    pytest.param("both", marks=needs_onednn),
+]
 
 
-@needs_onednn
+@pytest.fixture
+def two_threads():
+    """Two threads: a one-row product then runs as two slices (`gemv_splits`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gemv_splits_divide_the_inputs_among_the_threads():
+    assert gemv_splits(768, 2) == 2
+    assert gemv_splits(768, 5) == 4  # the largest divisor within the thread count
+    assert gemv_splits(768, 1) == 1
+    assert gemv_splits(100, 3) == 2
+    assert gemv_splits(17, 2) == 1  # slices of fewer than 16 inputs: not split
+    assert gemv_splits(64, 16) == 4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(33, 17), (768, 3072), (50, 100)])
-@pytest.mark.parametrize("rows", [(1,), (3,), (2, 7)])
-def test_packed_linear_equals_nn_linear(shape, rows):
+@pytest.mark.parametrize("rows", [(1,), (1, 1), (3,), (2, 7)])
+def test_packed_linear_equals_nn_linear(shape, rows, layout, two_threads):
     torch.manual_seed(0)
     out_f, in_f = shape
     layer = nn.Linear(in_f, out_f)
-    packed = PackedLinear(layer)
+    packed = PackedLinear(layer, layout=layout)
     x = torch.randn(*rows, in_f)
     with torch.no_grad():
         ref, out = layer(x), packed(x)
@@ -276,21 +298,33 @@ def test_packed_linear_equals_nn_linear(shape, rows):
     # Same fp32 products, another summation order: a few ulps of the sum of |terms|.
     bound = 4 * in_f * torch.finfo(torch.float32).eps * (x.abs() @ layer.weight.abs().T + 1)
     assert (out - ref).abs().le(bound).all()
-    assert "packed_weight" not in packed.state_dict()
+    assert not packed.state_dict().keys() - {"bias"}  # the packed weights are not saved
 
 
 @needs_onednn
+def test_both_layouts_route_one_row_to_gemv_and_batches_to_onednn(two_threads):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    packed = PackedLinear(layer, layout="both")
+    packed.weight_t.zero_()  # now only the oneDNN layout still holds the real weight
+    with torch.no_grad():
+        one, many = packed(torch.randn(1, 64)), packed(x := torch.randn(3, 64))
+        assert torch.equal(one, layer.bias.expand(1, 48))
+        assert torch.allclose(many, layer(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_packed_model_keeps_greedy_tokens_and_batching(kind):
+def test_packed_model_keeps_greedy_tokens_and_batching(kind, layout, two_threads):
     model = make_model(kind, tie_embeddings=kind == "gpt2")
-    packed = pack_linears(copy.deepcopy(model))
+    packed = pack_linears(copy.deepcopy(model), layout=layout)
     assert isinstance(packed.out_head, PackedLinear)
     assert all(isinstance(b.ff.fc1, PackedLinear) for b in packed.trf_blocks)
+    assert {b.att.qkv.layout for b in packed.trf_blocks} == {layout}
     assert linear_weight_bytes(packed) == linear_weight_bytes(model)
     assert_same_greedy_alone_and_batched(model, packed)
 
 
-@needs_onednn
 def test_packed_model_refuses_gradients_and_merges_lora():
     model, ids, adapted = adapted_model()
     with torch.no_grad():
@@ -321,9 +355,22 @@ def test_cli_packs_by_default_and_no_pack_gives_the_same_text(checkpoint, capsys
     assert main([*argv, "--no-pack"]) == 0
     assert capsys.readouterr().out == packed_text
     assert packed_text == generate_text(model, ByteTokenizer(), "abc", max_new_tokens=12) + "\n"
-    args = build_parser().parse_args(["generate", "--checkpoint", str(path), "--prompt", "x"])
-    assert isinstance(load_model(args).model.out_head, PackedLinear)
+    assert main([*argv, "--pack", "onednn"]) == 0
+    assert capsys.readouterr().out == packed_text
+
+    def head(command: list[str], rows: int = 1) -> nn.Module:
+        args = build_parser().parse_args([*command, "--checkpoint", str(path)])
+        return load_model(args, rows).model.out_head
+
+    generate = ["generate", "--prompt", "x"]
+    assert head(generate).layout == "gemv"  # one sequence: the one-row layout alone
+    assert head(["serve"], rows=8).layout == "both"
+    assert head(["serve", "--pack", "onednn"], rows=8).layout == "onednn"
+    assert type(head([*generate, "--no-pack"])) is nn.Linear
     assert type(load_checkpoint(path).model.out_head) is nn.Linear  # the library default
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one usage line, exit 2
+        main([*argv, "--pack", "rowmajor"])
+    assert exit_info.value.code == 2 and "--pack" in capsys.readouterr().err
 
 
 # -- fp16 weights --------------------------------------------------------------------------------

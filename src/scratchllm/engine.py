@@ -29,6 +29,7 @@ import torch
 from scratchllm.errors import InputError
 from scratchllm.generate import apply_repetition_penalty, sample_next
 from scratchllm.model.attention import BatchKVCache
+from scratchllm.model.decode import DecodeStep
 from scratchllm.model.gpt import GPTModel
 from scratchllm.tokenizer import Tokenizer
 
@@ -319,6 +320,8 @@ class Engine:
         if max_batch < 1:
             raise InputError(f"max_batch must be ≥ 1, got {max_batch}")
         self.model = model.eval()
+        # The one-token step without module-call overhead, bound to the model as it is now.
+        self._decode_step = DecodeStep(model) if DecodeStep.supports(model) else None
         self.tokenizer = tokenizer
         self.config = model.config
         self.context_length = model.config.context_length
@@ -507,9 +510,15 @@ class Engine:
         assert cache is not None and last is not None
         cache.reserve(cache.length + 1)
         self.peak_batch = max(self.peak_batch, len(self._active))
-        logits = self.model(
-            last[:, None], cache=cache, positions=cache.positions(), attn_mask=cache.decode_mask()
-        )[:, -1]
+        if self._decode_step is not None:
+            logits = self._decode_step(last, cache, cache.lengths, cache.decode_mask())
+        else:
+            logits = self.model(
+                last[:, None],
+                cache=cache,
+                positions=cache.positions(),
+                attn_mask=cache.decode_mask(),
+            )[:, -1]
         tokens = self._sample(logits, self._active)
         self._last = torch.tensor(tokens, device=self.device)
         keep = [

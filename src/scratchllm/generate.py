@@ -13,6 +13,7 @@ from collections.abc import Collection
 import torch
 
 from scratchllm.errors import InputError
+from scratchllm.model.decode import DecodeStep
 from scratchllm.model.gpt import GPTModel
 from scratchllm.tokenizer import Tokenizer
 
@@ -118,6 +119,7 @@ def generate(
         cache_len = min(ctx, idx.shape[1] + max_new_tokens)
         cache = model.new_cache(idx.shape[0], cache_len) if use_cache else None
         logits = model(idx, cache=cache)[:, -1]
+        decode = DecodeStep(model) if DecodeStep.supports(model) else None
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if stop is not None:
@@ -127,7 +129,10 @@ def generate(
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             if cache is not None and cache.length < cache.max_len:
-                logits = model(nxt[:, None], cache=cache)[:, -1]
+                if decode is not None:
+                    logits = decode(nxt, cache)
+                else:
+                    logits = model(nxt[:, None], cache=cache)[:, -1]
             else:
                 cache = None  # the window is full: slide it as the book does
                 logits = model(idx[:, -ctx:])[:, -1]

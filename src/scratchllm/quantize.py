@@ -1,14 +1,16 @@
-"""Weight formats for CPU decoding: oneDNN-packed fp32, fp16 weights and weight-only int8.
+"""Weight formats for CPU decoding: packed fp32, fp16 weights and weight-only int8.
 
 A decode step reads every linear weight once to produce one token per sequence, so its speed is
 set by how fast the matmul streams those weights from memory. Three formats speed that up:
 
 **Packed fp32** (`pack_linears`, on by default in `generate`/`chat`/`serve` on the CPU): each
-`nn.Linear` becomes a `PackedLinear` whose weight oneDNN has reordered once, at load time, into the
-blocked layout its small-batch matmul reads fastest (`torch.ops.mkldnn`, the kernels
-`torch.compile` uses for frozen CPU linears). Same fp32 arithmetic, outputs equal to
-`F.linear` up to summation order; on the 2-core AVX2 machine of docs/serving.md, gpt2-small's
-weights stream at 21-28 GB/s instead of 12-16 GB/s through MKL's GEMV.
+`nn.Linear` becomes a `PackedLinear` holding its weight, once, at load time, in the layouts the
+CPU streams fastest: transposed and split across the threads for one row at a time (batch-1
+decoding: `torch.bmm` runs one single-threaded GEMV per thread), and/or reordered into oneDNN's
+blocked layout for several rows (`torch.ops.mkldnn`, the kernels `torch.compile` uses for frozen
+CPU linears). Same fp32 arithmetic, outputs equal to `F.linear` up to summation order; on the
+2-core AVX2 machine of docs/serving.md, gpt2-small's weights stream at 19-24 GB/s at batch 1,
+against 11-16 GB/s through `F.linear` (MKL's multi-threaded GEMV).
 
 **fp16 weights** (`quantize_fp16`, `--quantize fp16`): each linear's weight is stored in IEEE
 half precision (11-bit significand: relative rounding ≤ 2⁻¹¹, 8x finer than bf16) and packed by
@@ -32,6 +34,7 @@ layer's output). See docs/serving.md for the tolerance and speed measured.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 
@@ -139,33 +142,87 @@ class Int8Linear(nn.Module):
         )
 
 
-class PackedLinear(nn.Module):
-    """y = x Wᵀ + b with W held only in oneDNN's packed layout (fp32, CPU, inference only).
+PACK_LAYOUTS = ("both", "gemv", "onednn")
 
-    The packed weight is an opaque oneDNN tensor: it is not in `state_dict` and cannot be moved
-    or trained, so pack a model after loading it and after any dtype or device change.
+
+@functools.lru_cache(maxsize=64)
+def gemv_splits(in_features: int, threads: int) -> int:
+    """Slices of the input dimension for a one-row product on `threads` threads: the largest
+    divisor of `in_features` that is at most `threads` (1: no split), slices of ≥ 16 inputs."""
+    for s in range(min(threads, in_features // 16), 1, -1):
+        if in_features % s == 0:
+            return s
+    return 1
+
+
+class PackedLinear(nn.Module):
+    """y = x Wᵀ + b with W held in the layouts CPU decoding reads fastest (fp32, inference only).
+
+    - **gemv** (`weight_t`): Wᵀ, (in, out) contiguous, for one input row (a batch-1 decode
+      step). Its input rows are split into one slice per thread and `torch.bmm` runs the
+      slices' products side by side, each thread streaming its own slice through a
+      single-threaded MKL GEMV; the partial sums are added. On the 2-core machine of
+      docs/serving.md that reads gpt2-small's weights at 19-24 GB/s, against 13-20 GB/s for
+      oneDNN's multi-threaded product on one row. Several rows (a prefill) go through one
+      `torch.addmm` on the same weight when there is no oneDNN layout.
+    - **onednn** (`packed_weight`): W reordered once into oneDNN's blocked layout
+      (`torch.ops.mkldnn`, the kernels `torch.compile` uses for frozen CPU linears), for several
+      rows: batched decoding and prefill.
+    - **both** keeps the two (twice the weight memory) and picks by the number of rows.
+
+    The weights are not in `state_dict` and cannot be moved or trained: pack a model after
+    loading it and after any dtype or device change.
     """
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = PACK_BATCH_HINT) -> None:
+    def __init__(
+        self, linear: nn.Linear, batch_hint: int = PACK_BATCH_HINT, layout: str = "both"
+    ) -> None:
         super().__init__()
+        if layout not in PACK_LAYOUTS:
+            raise ValueError(f"pack layout must be one of {PACK_LAYOUTS}, got {layout!r}")
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
-            linear.weight.detach(), batch_hint
+        weight = linear.weight.detach()
+        if layout != "gemv" and not has_onednn():
+            layout = "gemv"  # a torch without oneDNN still gets the one-row layout
+        self.layout = layout
+        self.weight_t = weight.t().contiguous() if layout != "onednn" else None
+        self.packed_weight = (
+            torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+            if layout != "gemv"
+            else None
         )
         self.bias: nn.Parameter | None = None
         if linear.bias is not None:  # frozen: a packed model is for inference
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad:  # the oneDNN op has no backward: fail loudly, not silently wrong
+        if x.requires_grad:  # these kernels have no backward: fail loudly, not silently wrong
             raise RuntimeError("PackedLinear is inference-only; run under torch.no_grad()")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        one_row = x.numel() == self.in_features
+        if self.packed_weight is not None and (self.weight_t is None or not one_row):
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.packed_weight, self.bias, "none", [], ""
+            )
+        x2d = x.reshape(-1, self.in_features)
+        splits = gemv_splits(self.in_features, torch.get_num_threads()) if one_row else 1
+        if splits > 1:
+            parts = torch.bmm(
+                x2d.reshape(splits, 1, -1), self.weight_t.view(splits, -1, self.out_features)
+            )
+            y = parts.sum(0)
+            if self.bias is not None:
+                y += self.bias
+        elif self.bias is not None:
+            y = torch.addmm(self.bias, x2d, self.weight_t)
+        else:
+            y = torch.mm(x2d, self.weight_t)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, oneDNN-packed fp32"
+            f"bias={self.bias is not None}, packed fp32 ({self.layout})"
         )
 
 
@@ -224,16 +281,14 @@ def _check_cpu_model(model: nn.Module, quantize: str) -> None:
         )
 
 
+def has_onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def can_pack(model: nn.Module) -> bool:
-    """Whether `model`'s linears can be packed: fp32 weights on the CPU and oneDNN in this torch."""
+    """Whether `model`'s linears can be packed: fp32 weights on the CPU."""
     p = next(model.parameters(), None)
-    return (
-        p is not None
-        and p.device.type == "cpu"
-        and p.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    return p is not None and p.device.type == "cpu" and p.dtype == torch.float32
 
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
@@ -266,19 +321,26 @@ def _replace_linears(
 
 
 def pack_linears(
-    model: nn.Module, skip: Iterable[str] = (), batch_hint: int = PACK_BATCH_HINT
+    model: nn.Module,
+    skip: Iterable[str] = (),
+    batch_hint: int = PACK_BATCH_HINT,
+    layout: str = "both",
 ) -> nn.Module:
     """Replace (in place) the fp32 `nn.Linear`s of the blocks and the head by `PackedLinear`s.
 
-    Returns the model; a model that cannot be packed (`can_pack`: not fp32, not on the CPU, no
-    oneDNN) is returned unchanged. LoRA adapters are merged first. A tied head gets a packed copy
-    of the embedding (for gpt2-small, 154 MB more memory).
+    `layout`: "gemv" for one row at a time (chat, single-prompt generation), "onednn" for
+    batches, "both" (twice the linear weights' memory) to serve either. Returns the model; a model
+    that cannot be packed (`can_pack`: not fp32, not on the CPU) is returned unchanged. LoRA
+    adapters are merged first. A tied head gets its own copy of the embedding (gpt2-small: 154 MB
+    a layout).
     """
+    if layout not in PACK_LAYOUTS:
+        raise InputError(f"pack layout must be one of {', '.join(PACK_LAYOUTS)}, got {layout!r}")
     if not can_pack(model):
-        log.info("linears not packed: packing needs fp32 weights on a CPU with oneDNN")
+        log.info("linears not packed: packing needs fp32 weights on the CPU")
         return model
-    count = _replace_linears(model, lambda lin: PackedLinear(lin, batch_hint), skip)
-    log.info("packed %d block linears for oneDNN", count)
+    count = _replace_linears(model, lambda lin: PackedLinear(lin, batch_hint, layout), skip)
+    log.info("packed %d block linears (%s)", count, layout)
     return model
 
 

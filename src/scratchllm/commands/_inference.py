@@ -17,15 +17,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "int8 (a quarter, coarser); docs/serving.md",
     )
     p.add_argument(
+        "--pack",
+        default="auto",
+        choices=["auto", "both", "gemv", "onednn"],
+        help="layout of packed fp32 CPU linears: gemv (one row at a time), onednn (batches), both "
+        "(twice the memory); auto: gemv when decoding one sequence, else both",
+    )
+    p.add_argument(
         "--no-pack",
         action="store_true",
-        help="keep fp32 CPU linears as they are (default: packed for oneDNN, faster decoding)",
+        help="keep fp32 CPU linears as they are (default: packed, faster decoding)",
     )
 
 
-def load_model(args: argparse.Namespace) -> Any:
+def load_model(args: argparse.Namespace, rows: int = 1) -> Any:
     """The checkpoint at `args.checkpoint` on `--device`, in `--dtype`, `--quantize`d, its fp32
-    CPU linears packed unless `--no-pack`."""
+    CPU linears packed unless `--no-pack` (`--pack auto`: for `rows` sequences at a time)."""
     from scratchllm.quantize import device_for
     from scratchllm.train.checkpoint import load_checkpoint
     from scratchllm.utils import parse_dtype, pick_device
@@ -36,5 +43,12 @@ def load_model(args: argparse.Namespace) -> Any:
         device,
         parse_dtype(args.dtype),
         args.quantize,
-        pack=not args.no_pack,
+        pack=False if args.no_pack else pack_layout(args.pack, rows),
     )
+
+
+def pack_layout(pack: str, rows: int) -> str:
+    """`--pack auto`: the one-row layout when at most one sequence decodes at a time."""
+    if pack != "auto":
+        return pack
+    return "gemv" if rows <= 1 else "both"

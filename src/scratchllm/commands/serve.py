@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch < 1:
         raise InputError(f"--max-batch must be ≥ 1, got {args.max_batch}")
-    ckpt = load_model(args)
+    ckpt = load_model(args, rows=args.max_batch)
     name = args.model_name or ckpt.path.resolve().name
     if name == "checkpoint":  # a run directory: name the model after the run
         name = ckpt.path.resolve().parent.name

@@ -294,13 +294,14 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     quantize: str | None = None,
-    pack: bool = False,
+    pack: bool | str = False,
 ) -> Checkpoint:
     """Load model, tokenizer and metadata; raise `CheckpointError` naming what is wrong.
 
     `quantize="fp16"` or `"int8"`: smaller linear weights for CPU decoding (`scratchllm.quantize`).
-    `pack=True`: fp32 linears on the CPU are packed for oneDNN (faster decoding, inference only);
-    anything else is left as it is.
+    `pack=True` (or a layout, "gemv" | "onednn" | "both" = True): fp32 linears on the CPU are
+    packed for faster decoding (`scratchllm.quantize.pack_linears`, inference only); anything else
+    is left as it is.
     """
     from scratchllm.quantize import apply_quantization, check_quantize, pack_linears
 
@@ -341,7 +342,7 @@ def load_checkpoint(
     if dtype is not None:
         model = model.to(dtype)
     if pack:  # last: packed weights are opaque to later casts and moves
-        pack_linears(model)
+        pack_linears(model, layout="both" if pack is True else pack)
     check_tokenizer_fits(tokenizer, config, str(path))
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, path=path, meta=meta)

@@ -1,0 +1,163 @@
+"""`DecodeStep` against `GPTModel.forward`: the same logits and cache for every architecture,
+weight format and cache kind, and the fallback to `forward` where hooks or dropout must run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from scratchllm import GPTModel, ModelConfig
+from scratchllm.model.attention import BatchKVCache
+from scratchllm.model.decode import DecodeStep
+from scratchllm.model.lora import apply_lora
+from scratchllm.quantize import pack_linears, quantize_fp16, quantize_int8
+
+ARCHS = {
+    "gpt2": {"tie_embeddings": True},
+    # RoPE, RMSNorm, SwiGLU, grouped-query heads, QK-norm (Qwen3): every branch of the block.
+    "llama": dict(
+        pos_embedding="rope",
+        norm="rmsnorm",
+        ffn="swiglu",
+        n_kv_heads=2,
+        bias=False,
+        hidden_dim=64,
+        qk_norm=True,
+    ),
+}
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8], [7, 7, 7, 7, 7, 7, 7, 7]]
+
+
+def make_model(arch: str) -> GPTModel:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=257,
+        context_length=32,
+        emb_dim=32,
+        n_heads=4,
+        n_layers=2,
+        drop_rate=0.1,
+        **ARCHS[arch],
+    )
+    model = GPTModel(config).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a skipped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def convert(model: GPTModel, fmt: str) -> GPTModel:
+    if fmt == "plain":
+        return model
+    if fmt == "lora":
+        apply_lora(model, rank=4, alpha=8)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)  # B starts at zero: make the adapters count
+        return model.eval()
+    if fmt.startswith("packed-"):
+        return pack_linears(model, layout=fmt.removeprefix("packed-"))
+    if fmt == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no fbgemm in this torch")
+    return quantize_fp16(model) if fmt == "fp16" else quantize_int8(model)
+
+
+def prefill(model: GPTModel, prompts: list[list[int]]) -> BatchKVCache:
+    """Right-padded prefill of `prompts` into a fresh cache, as the engine does it."""
+    lengths = [len(p) for p in prompts]
+    idx = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        idx[row, : len(p)] = torch.tensor(p)
+    cache = BatchKVCache(model.config, len(prompts), 24)
+    with torch.no_grad():
+        model(idx, cache=cache)
+    cache.set_lengths(lengths)
+    return cache
+
+
+def forward_step(model: GPTModel, tokens: torch.Tensor, cache: BatchKVCache) -> torch.Tensor:
+    return model(
+        tokens[:, None], cache=cache, positions=cache.positions(), attn_mask=cache.decode_mask()
+    )[:, -1]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize(
+    "fmt", ["plain", "lora", "packed-gemv", "packed-onednn", "packed-both", "fp16", "int8"]
+)
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one-row", "ragged"])
+def test_decode_step_equals_forward(arch, fmt, prompts):
+    model = convert(make_model(arch), fmt)
+    step = DecodeStep(model)
+    ours, theirs = prefill(model, prompts), prefill(model, prompts)
+    tokens = torch.tensor([p[-1] for p in prompts])
+    with torch.no_grad():
+        for _ in range(6):
+            got = step(tokens, ours, ours.lengths, ours.decode_mask())
+            want = forward_step(model, tokens, theirs)
+            assert got.shape == want.shape == (len(prompts), 257)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+            assert ours.lengths_list == theirs.lengths_list
+            tokens = want.argmax(-1)
+    for a, b in zip(ours.keys + ours.values, theirs.keys + theirs.values, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_decode_step_with_a_plain_kv_cache_in_bf16(arch):
+    """The book loop's `KVCache` (every row at one length, no positions given), in bf16."""
+    model = make_model(arch).to(torch.bfloat16)
+    step = DecodeStep(model)
+    prompt = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    ours, theirs = model.new_cache(2, 16), model.new_cache(2, 16)
+    with torch.no_grad():
+        model(prompt, cache=ours)
+        model(prompt, cache=theirs)
+        tokens = prompt[:, -1]
+        for _ in range(4):
+            got = step(tokens, ours)
+            want = model(tokens[:, None], cache=theirs)[:, -1]
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got, want)  # the same ops in the same order
+            tokens = want.argmax(-1)
+    assert ours.length == theirs.length == len(PROMPTS[0]) + 4
+
+
+def test_hooks_and_training_mode_go_through_forward():
+    model = make_model("gpt2")
+    step = DecodeStep(model)
+    tokens = torch.tensor([3])
+    cache = prefill(model, PROMPTS[:1])
+    handle = model.out_head.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+    with torch.no_grad():
+        assert torch.equal(step(tokens, cache, cache.lengths), torch.zeros(1, 257))
+        handle.remove()
+        assert step(tokens, cache, cache.lengths).abs().sum() > 0
+        model.train()  # dropout 0.1 applies again: two runs of one step differ
+        a = step(tokens, copy.deepcopy(cache), cache.lengths)
+        b = step(tokens, copy.deepcopy(cache), cache.lengths)
+        assert not torch.equal(a, b)
+
+
+def test_unsupported_models_are_refused():
+    model = make_model("gpt2")
+    model.set_attention_impl("explicit")  # the book's reference formula: forward only
+    assert not DecodeStep.supports(model)
+    with pytest.raises(ValueError, match="SDPA"):
+        DecodeStep(model)
+    assert not DecodeStep.supports(torch.nn.Linear(2, 2))
+
+
+def test_a_full_context_is_refused_with_a_clear_error():
+    from scratchllm.errors import InputError
+
+    model = make_model("gpt2")
+    cache = model.new_cache(1, 32)
+    with torch.no_grad():
+        model(torch.zeros(1, 32, dtype=torch.long), cache=cache)
+        with pytest.raises(InputError, match="context length 32"):
+            DecodeStep(model)(torch.tensor([1]), cache)
