@@ -9,7 +9,8 @@ the time for 1 + N new tokens minus the time for 1), greedy, no early stop:
   the CPU in fp32 its linears are packed in both layouts (one row, i.e. batch 1: the split GEMV
   that `chat` and `generate` use alone; several rows: oneDNN). The fp32 rows also time the
   engine with plain `nn.Linear`s (`--no-pack`) and with the oneDNN layout alone (`--pack
-  onednn`), and compare the packed and plain engines' greedy tokens,
+  onednn`) and with `GPTModel.forward` as its decode step instead of `DecodeStep`
+  (`decode_step=False`), and compare the packed and plain engines' greedy tokens,
 - scratchllm `generate()` without the KV cache (the book's loop, recomputing the prefix),
 - transformers `GPT2LMHeadModel.generate(use_cache=True)`.
 
@@ -316,6 +317,9 @@ def main() -> None:
             variants["unpacked_linears"] = Engine(plain, tokenizer, max_batch=max(batches))
             onednn = load_checkpoint(tmp / "ours", args.device, dtype, pack="onednn").model
             variants["onednn_layout_only"] = Engine(onednn, tokenizer, max_batch=max(batches))
+            variants["model_forward"] = Engine(  # without DecodeStep: GPTModel.forward per step
+                ours, tokenizer, max_batch=max(batches), decode_step=False
+            )
             # Same fp32 products in another order: same greedy tokens?
             plain_tokens = greedy_tokens(variants["unpacked_linears"], rows_all, args.new_tokens)
             packed_agreement[dtype_name] = agreement(plain_tokens, greedy[dtype_name])

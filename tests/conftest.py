@@ -32,10 +32,20 @@ def gpt2_tokenizer(data_dir):
     return load_tokenizer(f"gpt2:{data_dir / 'gpt2'}")
 
 
+def _threads(n: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run as fast on one thread, and one thread does not stall on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Two threads: a packed one-row product then runs as two slices (`gemv_splits`)."""
+    yield from _threads(2)

@@ -161,3 +161,19 @@ def test_a_full_context_is_refused_with_a_clear_error():
         model(torch.zeros(1, 32, dtype=torch.long), cache=cache)
         with pytest.raises(InputError, match="context length 32"):
             DecodeStep(model)(torch.tensor([1]), cache)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_engine_decodes_the_same_tokens_without_the_decode_step(arch, temperature):
+    from scratchllm import ByteTokenizer
+    from scratchllm.engine import Engine, SamplingParams
+
+    model = make_model(arch)
+    params = SamplingParams(max_tokens=10, temperature=temperature, seed=5, stop_ids=(), n=2)
+
+    def tokens(**kw) -> list[list[int]]:
+        engine = Engine(model, ByteTokenizer(), max_batch=8, **kw)
+        return [c.token_ids for r in engine.generate(PROMPTS, params) for c in r]
+
+    assert tokens() == tokens(decode_step=False)

@@ -265,15 +265,6 @@ LAYOUTS = [
 ]
 
 
-@pytest.fixture
-def two_threads():
-    """Two threads: a one-row product then runs as two slices (`gemv_splits`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_gemv_splits_divide_the_inputs_among_the_threads():
     assert gemv_splits(768, 2) == 2
     assert gemv_splits(768, 5) == 4  # the largest divisor within the thread count

@@ -1,10 +1,11 @@
 """The inference engine: batched decoding over a per-row KV cache, streaming, stop conditions.
 
 One `Engine` serves many requests at once (continuous batching): every `step()` runs one decode
-step over all active sequences, then prefills newly arrived prompts together (right-padded, one
-forward pass) and merges them into the running batch; finished or cancelled rows leave it. The
-same step drives offline batched generation (`generate`), single-prompt streaming (`stream`) and
-the HTTP server (a background thread started with `start()`).
+step over all active sequences (`scratchllm.model.decode.DecodeStep`: the model's arithmetic for
+one token, without its module-call overhead), then prefills newly arrived prompts together
+(right-padded, one forward pass) and merges them into the running batch; finished or cancelled
+rows leave it. The same step drives offline batched generation (`generate`), single-prompt
+streaming (`stream`) and the HTTP server (a background thread started with `start()`).
 
 Per sequence: its own stop ids, stop strings (cut exactly, never streamed in part), token limit,
 sampling settings and seeded `torch.Generator`; `n` samples of one prompt share one prefill. Text
@@ -315,13 +316,20 @@ class Engine:
     """Batched generation over one model; see the module docstring."""
 
     def __init__(
-        self, model: GPTModel, tokenizer: Tokenizer, max_batch: int = 8, max_tokens: int = 4096
+        self,
+        model: GPTModel,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_tokens: int = 4096,
+        decode_step: bool = True,
     ) -> None:
         if max_batch < 1:
             raise InputError(f"max_batch must be ≥ 1, got {max_batch}")
         self.model = model.eval()
-        # The one-token step without module-call overhead, bound to the model as it is now.
-        self._decode_step = DecodeStep(model) if DecodeStep.supports(model) else None
+        # The one-token step without module-call overhead (`decode_step=False`: the model's own
+        # forward), bound to the model as it is now.
+        fast = decode_step and DecodeStep.supports(model)
+        self._decode_step = DecodeStep(model) if fast else None
         self.tokenizer = tokenizer
         self.config = model.config
         self.context_length = model.config.context_length
