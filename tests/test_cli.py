@@ -74,6 +74,16 @@ def test_generate_is_reproducible_with_a_seed(trained):
     assert a.stdout == b.stdout and a.stdout.strip()
 
 
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(trained):
+    _, out, _ = trained
+    argv = ["generate", "--checkpoint", out, "--prompt", "a", "--max-new-tokens", "20"]
+    proc = subprocess.Popen([*PY, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` exiting before the text is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_help_reads_well():
     proc = run_cli("pretrain", "--help")
     assert proc.returncode == 0
