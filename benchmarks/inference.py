@@ -51,33 +51,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def copy_bandwidth(device: str = "cpu", megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a large tensor copy (each byte read once and written once)."""
-    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def best_seconds(fn, device: str, repeats: int) -> float:
+    """Best wall time of `fn` after one warm-up call, waiting for the device each time."""
+    fn()
     times = []
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
-        dst.copy_(src)
+        fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / min(times)
+    return min(times)
+
+
+def copy_bandwidth(device: str = "cpu", megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (each byte read once and written once)."""
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / best_seconds(lambda: dst.copy_(src), device, repeats)
 
 
 def read_bandwidth(device: str = "cpu", megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s of a large tensor sum (each byte read once): what a decode step's matmuls do."""
     src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
-    src.sum()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        src.sum()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return src.numel() * 4 / min(times)
+    return src.numel() * 4 / best_seconds(src.sum, device, repeats)
 
 
 def bandwidth_floor(

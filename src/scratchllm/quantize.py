@@ -9,8 +9,8 @@ CPU streams fastest: transposed and split across the threads for one row at a ti
 decoding: `torch.bmm` runs one single-threaded GEMV per thread), and/or reordered into oneDNN's
 blocked layout for several rows (`torch.ops.mkldnn`, the kernels `torch.compile` uses for frozen
 CPU linears). Same fp32 arithmetic, outputs equal to `F.linear` up to summation order; on the
-2-core AVX2 machine of docs/serving.md, gpt2-small's weights stream at 19-24 GB/s at batch 1,
-against 11-16 GB/s through `F.linear` (MKL's multi-threaded GEMV).
+2-core AVX2 machine of docs/serving.md, gpt2-small's layers stream at 15-27 GB/s at batch 1,
+against 10-16 GB/s through `F.linear` (MKL's multi-threaded GEMV).
 
 **fp16 weights** (`quantize_fp16`, `--quantize fp16`): each linear's weight is stored in IEEE
 half precision (11-bit significand: relative rounding ≤ 2⁻¹¹, 8x finer than bf16) and packed by
@@ -162,7 +162,7 @@ class PackedLinear(nn.Module):
       step). Its input rows are split into one slice per thread and `torch.bmm` runs the
       slices' products side by side, each thread streaming its own slice through a
       single-threaded MKL GEMV; the partial sums are added. On the 2-core machine of
-      docs/serving.md that reads gpt2-small's weights at 19-24 GB/s, against 13-20 GB/s for
+      docs/serving.md that reads gpt2-small's layers at 15-27 GB/s, against 12-21 GB/s for
       oneDNN's multi-threaded product on one row. Several rows (a prefill) go through one
       `torch.addmm` on the same weight when there is no oneDNN layout.
     - **onednn** (`packed_weight`): W reordered once into oneDNN's blocked layout
