@@ -152,7 +152,7 @@ def torchrun_check(tmp: Path) -> dict:
         ),
     }
     if full.returncode == 0 and resumed.returncode == 0:
-        from scratchllm.train.checkpoint import load_state_dict
+        from scratchllm.checkpoint import load_state_dict
 
         wa = load_state_dict(tmp / "full" / "checkpoint")
         wb = load_state_dict(tmp / "cut" / "checkpoint")
@@ -196,8 +196,8 @@ def main() -> None:
     import train_throughput as T
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from scratchllm.tokenizer import ByteTokenizer
-    from scratchllm.train.trainer import measure_peak_flops
+    from scratchllm.tokenizers import ByteTokenizer
+    from scratchllm.train.throughput import measure_peak_flops
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

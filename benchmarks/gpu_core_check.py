@@ -26,9 +26,9 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from scratchllm import GPTModel, ModelConfig
+    from scratchllm.checkpoint import load_checkpoint
     from scratchllm.commands.pretrain import PretrainOptions, pretrain
-    from scratchllm.generate import generate_text
-    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.inference.generate import generate_text
     from scratchllm.train.trainer import TrainerCallback
 
     assert torch.cuda.is_available(), "no CUDA device"

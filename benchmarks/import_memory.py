@@ -35,7 +35,7 @@ import sys, time
 import torch
 import scratchllm
 import scratchllm.hub.convert
-import scratchllm.train.checkpoint
+import scratchllm.checkpoint
 mode, src, out = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter()
 if mode == "import":
@@ -43,7 +43,7 @@ if mode == "import":
     tokenizer = None if len(sys.argv) < 5 else sys.argv[4]
     import_hf(src, out, tokenizer=tokenizer)
 elif mode == "load":
-    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.checkpoint import load_checkpoint
     ckpt = load_checkpoint(src)
 elif mode == "make":
     import transformers

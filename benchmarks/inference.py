@@ -130,8 +130,8 @@ def decode_rate(run, batch: int, new_tokens: int, repeats: int) -> dict[str, flo
 def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float, variants=None) -> dict:
     """One (dtype, batch) cell: the three decoders, the bandwidth floor and the engine `variants`
     ({name: Engine}: fp32 CPU with plain `nn.Linear`s, with the oneDNN layout alone)."""
-    from scratchllm.engine import SamplingParams
-    from scratchllm.generate import generate
+    from scratchllm.inference.engine import SamplingParams
+    from scratchllm.inference.generate import generate
 
     config = ours.config
     batch = x.shape[0]
@@ -186,7 +186,7 @@ def measure(ours, theirs, engine, x: torch.Tensor, args, bandwidth: float, varia
 
 
 def greedy_tokens(engine, rows: list[list[int]], n: int) -> list[list[int]]:
-    from scratchllm.engine import SamplingParams
+    from scratchllm.inference.engine import SamplingParams
 
     return [
         c[0].token_ids for c in engine.generate(rows, SamplingParams(max_tokens=n, stop_ids=()))
@@ -225,8 +225,8 @@ def teacher_forced_agreement(model, rows: list[list[int]], ref: list[list[int]])
 
 def measure_quantized(ours, engine, x: torch.Tensor, args, bandwidth: float) -> dict:
     """One fp16/int8-weights cell: the engine's decode rate and its bandwidth floor."""
-    from scratchllm.engine import SamplingParams
-    from scratchllm.quantize import linear_weight_bytes
+    from scratchllm.inference.engine import SamplingParams
+    from scratchllm.inference.weights import linear_weight_bytes
 
     config = ours.config
     batch = x.shape[0]
@@ -270,11 +270,11 @@ def main() -> None:
     from transformers import GPT2LMHeadModel
 
     from scratchllm import GPTModel, ModelConfig
-    from scratchllm.engine import Engine
+    from scratchllm.checkpoint import load_checkpoint, save_checkpoint
     from scratchllm.hub import export_hf
-    from scratchllm.quantize import can_pack
-    from scratchllm.tokenizer import load_tokenizer
-    from scratchllm.train.checkpoint import load_checkpoint, save_checkpoint
+    from scratchllm.inference.engine import Engine
+    from scratchllm.inference.weights import can_pack
+    from scratchllm.tokenizers import load_tokenizer
 
     torch.manual_seed(0)
     config = ModelConfig.from_preset(args.preset, drop_rate=0.0, vocab_size=50257)

@@ -76,7 +76,7 @@ def _machine() -> dict[str, Any]:
 def bench_training(files: list[str], vocab_size: int, repeats: int) -> dict[str, Any]:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from scratchllm.bpe_train import default_workers, train_bpe_files
+    from scratchllm.tokenizers.train import default_workers, train_bpe_files
 
     def ours() -> Any:
         return train_bpe_files(files, vocab_size, [EOT])
@@ -95,7 +95,7 @@ def bench_training(files: list[str], vocab_size: int, repeats: int) -> dict[str,
 
     ours_s, ours_all, ours_tok = _best(ours, repeats)
     hf_s, hf_all, hf_tok = _best(hf, repeats)
-    from scratchllm.bpe_files import token_to_str
+    from scratchllm.tokenizers.files import token_to_str
 
     ours_vocab = {token_to_str(t) for t in ours_tok.mergeable_ranks}
     hf_vocab = set(hf_tok.get_vocab()) - {EOT}
@@ -120,7 +120,7 @@ def bench_encoding(data: Path, texts: list[str], repeats: int) -> dict[str, Any]
     import tiktoken.load
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from scratchllm.tokenizer import GPT2_PATTERN, gpt2_tokenizer
+    from scratchllm.tokenizers import GPT2_PATTERN, gpt2_tokenizer
 
     os.environ["TIKTOKEN_CACHE_DIR"] = ""
     gpt2 = data / "gpt2"

@@ -43,7 +43,7 @@ SHAPES = {
 
 
 def gpt2_tokens() -> np.ndarray:
-    from scratchllm.tokenizer import load_tokenizer
+    from scratchllm.tokenizers import load_tokenizer
 
     tok = load_tokenizer(f"gpt2:{data_dir() / 'gpt2'}")
     text = (data_dir() / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8")
@@ -119,7 +119,8 @@ def hf_run(shape, tokens, dtype, warmup, steps, optimizer_impl="auto") -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from scratchllm.data.loader import BatchLoader
-    from scratchllm.train.trainer import TrainConfig, build_optimizer
+    from scratchllm.train.optim import build_optimizer
+    from scratchllm.train.trainer import TrainConfig
 
     torch.manual_seed(0)
     cfg = GPT2Config(
@@ -167,7 +168,8 @@ def hf_run(shape, tokens, dtype, warmup, steps, optimizer_impl="auto") -> dict:
 def adamw_kernels(shape, reps: int) -> dict:
     """Optimizer step alone on this model's parameters (random gradients): fused vs foreach."""
     from scratchllm.model.gpt import GPTModel
-    from scratchllm.train.trainer import TrainConfig, build_optimizer
+    from scratchllm.train.optim import build_optimizer
+    from scratchllm.train.trainer import TrainConfig
 
     model = GPTModel(model_config(shape))
     for p in model.parameters():
@@ -204,7 +206,8 @@ def medium_child(steps: int) -> None:
     """gpt2-medium, batch 4 x 1024, activation checkpointing, fp32: print peak RSS as JSON."""
     from scratchllm.config import ModelConfig
     from scratchllm.model.gpt import GPTModel
-    from scratchllm.train.trainer import TrainConfig, build_optimizer
+    from scratchllm.train.optim import build_optimizer
+    from scratchllm.train.trainer import TrainConfig
 
     torch.manual_seed(0)
     config = ModelConfig.from_preset("gpt2-medium", drop_rate=0.0)
@@ -249,7 +252,7 @@ def main() -> None:
         medium_child(args.medium_child)
         return
 
-    from scratchllm.train.trainer import cpu_has_native_bf16, measure_peak_flops
+    from scratchllm.train.throughput import cpu_has_native_bf16, measure_peak_flops
 
     started = time.perf_counter()
     warmup, steps = (1, 1) if args.quick else (1, 2)

@@ -27,7 +27,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer(data_dir):
-    from scratchllm.tokenizer import load_tokenizer
+    from scratchllm.tokenizers import load_tokenizer
 
     return load_tokenizer(f"gpt2:{data_dir / 'gpt2'}")
 

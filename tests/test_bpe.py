@@ -9,26 +9,21 @@ from pathlib import Path
 
 import pytest
 import regex
+from bpe_reference import ReferenceBPE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scratchllm import bpe_files, cli
-from scratchllm.bpe_reference import ReferenceBPE
-from scratchllm.bpe_train import (
+from scratchllm import cli
+from scratchllm.errors import InputError
+from scratchllm.tokenizers import BPETokenizer, load_tokenizer
+from scratchllm.tokenizers import files as bpe_files
+from scratchllm.tokenizers.base import EOT, GPT2_PATTERN, GPT4_PATTERN, TIKTOKEN_FILE
+from scratchllm.tokenizers.train import (
     count_pretokens,
     learn_merges,
     split_chunks,
     train_bpe,
     train_bpe_files,
-)
-from scratchllm.errors import InputError
-from scratchllm.tokenizer import (
-    EOT,
-    GPT2_PATTERN,
-    GPT4_PATTERN,
-    TIKTOKEN_FILE,
-    BPETokenizer,
-    load_tokenizer,
 )
 
 PAD = "<|pad|>"
@@ -228,7 +223,7 @@ def test_trained_tokenizer_round_trips(small_corpus, sample_texts, tmp_path, pat
 
 
 def test_trained_layout_specials_first_round_trips(small_corpus, tmp_path):
-    tok = BPETokenizer.from_training(small_corpus, 400, [EOT, PAD], layout="specials_first")
+    tok = train_bpe(small_corpus, 400, [EOT, PAD], layout="specials_first")
     assert tok.special_tokens == {EOT: 0, PAD: 1}
     assert min(tok.mergeable_ranks.values()) == 2 and tok.vocab_size == 400
     tok.save(tmp_path)

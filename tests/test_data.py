@@ -28,7 +28,7 @@ from scratchllm.data import (
 )
 from scratchllm.data.shards import HEADER_BYTES, MAGIC
 from scratchllm.errors import InputError
-from scratchllm.tokenizer import GPT2_PATTERN, ByteTokenizer
+from scratchllm.tokenizers import GPT2_PATTERN, ByteTokenizer
 
 EOT = 50256
 

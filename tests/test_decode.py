@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from scratchllm import GPTModel, ModelConfig
+from scratchllm.inference.decode import DecodeStep
+from scratchllm.inference.weights import pack_linears, quantize_fp16, quantize_int8
 from scratchllm.model.attention import BatchKVCache
-from scratchllm.model.decode import DecodeStep
 from scratchllm.model.lora import apply_lora
-from scratchllm.quantize import pack_linears, quantize_fp16, quantize_int8
 
 ARCHS = {
     "gpt2": {"tie_embeddings": True},
@@ -167,7 +167,7 @@ def test_a_full_context_is_refused_with_a_clear_error():
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_the_engine_decodes_the_same_tokens_without_the_decode_step(arch, temperature):
     from scratchllm import ByteTokenizer
-    from scratchllm.engine import Engine, SamplingParams
+    from scratchllm.inference.engine import Engine, SamplingParams
 
     model = make_model(arch)
     params = SamplingParams(max_tokens=10, temperature=temperature, seed=5, stop_ids=(), n=2)

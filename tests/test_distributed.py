@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchllm.train.checkpoint import load_state_dict
+from scratchllm.checkpoint import load_state_dict
 
 # Installed through PYTHONPATH in every torchrun worker: a Python audit hook records each
 # file-system write (open for writing, rename, mkdir, remove, link) the rank makes under the

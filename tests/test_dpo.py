@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
+from scratchllm.checkpoint import save_checkpoint
 from scratchllm.cli import main
 from scratchllm.data.instruction import load_records
 from scratchllm.finetune.preference import Pair, collate_pairs, dpo_loss, sequence_logprobs
-from scratchllm.train.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

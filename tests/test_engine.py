@@ -12,15 +12,9 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
-from scratchllm.engine import (
-    ALPACA_STOPS,
-    ChatSession,
-    Engine,
-    SamplingParams,
-    alpaca_prompt,
-    chat_prompt,
-)
-from scratchllm.generate import apply_repetition_penalty
+from scratchllm.inference.chat import ALPACA_STOPS, ChatSession, alpaca_prompt, chat_prompt
+from scratchllm.inference.engine import Engine, SamplingParams
+from scratchllm.inference.sampling import apply_repetition_penalty
 from scratchllm.model.attention import BatchKVCache
 
 NO_STOP = ()  # no stop ids: every sample runs to max_tokens
@@ -266,8 +260,8 @@ def test_chat_command_streams_keeps_history_and_resets(tmp_path):
     import subprocess
     import sys
 
-    from scratchllm.generate import generate_text
-    from scratchllm.train.checkpoint import save_checkpoint
+    from scratchllm.checkpoint import save_checkpoint
+    from scratchllm.inference.generate import generate_text
 
     tok = ByteTokenizer()
     model = make_model(context_length=256)
@@ -309,7 +303,7 @@ def test_chat_command_bad_input_exits_2(tmp_path):
     import subprocess
     import sys
 
-    from scratchllm.train.checkpoint import save_checkpoint
+    from scratchllm.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "ckpt", make_model(), ByteTokenizer())
     proc = subprocess.run(
@@ -329,7 +323,7 @@ def test_chat_template_of_an_imported_tokenizer_is_used(tmp_path, data_dir):
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from scratchllm.hub.hf_tokenizer import HFTokenizer
+    from scratchllm.tokenizers.hf import HFTokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
+from scratchllm.checkpoint import load_checkpoint, save_checkpoint
 from scratchllm.cli import main
 from scratchllm.data.classification import (
     balance,
@@ -23,7 +24,6 @@ from scratchllm.finetune.classify import (
     confusion_matrix,
     pool_last,
 )
-from scratchllm.train.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

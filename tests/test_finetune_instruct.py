@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
+from scratchllm.checkpoint import save_checkpoint
 from scratchllm.cli import main
 from scratchllm.data.instruction import (
     Example,
@@ -18,7 +19,6 @@ from scratchllm.data.instruction import (
     load_records,
 )
 from scratchllm.finetune.judge import JudgeClient, parse_score, score_responses
-from scratchllm.train.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
-from scratchllm.generate import filter_logits, generate, generate_text, sample_next
+from scratchllm.inference.generate import generate, generate_text
+from scratchllm.inference.sampling import filter_logits, sample_next
 
 
 @pytest.fixture(scope="module")

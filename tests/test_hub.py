@@ -21,13 +21,13 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from scratchllm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from scratchllm.cli import main  # noqa: E402
 from scratchllm.config import ModelConfig  # noqa: E402
 from scratchllm.hub.convert import detect_format, export_hf, import_hf  # noqa: E402
-from scratchllm.hub.hf_tokenizer import HFTokenizer  # noqa: E402
 from scratchllm.model import GPTModel  # noqa: E402
-from scratchllm.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer  # noqa: E402
-from scratchllm.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from scratchllm.tokenizers import BPETokenizer, ByteTokenizer, load_tokenizer  # noqa: E402
+from scratchllm.tokenizers.hf import HFTokenizer  # noqa: E402
 
 VOCAB = 300
 LLAMA3_SCALING = {
@@ -118,7 +118,7 @@ def hf_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def our_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    from scratchllm.generate import generate
+    from scratchllm.inference.generate import generate
 
     return generate(model, ids, n, temperature=0.0)
 

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
-from scratchllm.engine import Engine, SamplingParams
-from scratchllm.model.lora import LoRALinear, apply_lora, has_lora
-from scratchllm.quantize import (
+from scratchllm.inference.engine import Engine, SamplingParams
+from scratchllm.inference.weights import (
     Fp16Linear,
     Int8Linear,
     PackedLinear,
@@ -25,6 +24,7 @@ from scratchllm.quantize import (
     quantize_int8,
     quantize_weight,
 )
+from scratchllm.model.lora import LoRALinear, apply_lora, has_lora
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [42], [7, 7, 7, 7], [200, 100]]
 GREEDY_TOKENS = 16
@@ -210,7 +210,7 @@ def test_bad_values_and_devices_are_input_errors():
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    from scratchllm.train.checkpoint import save_checkpoint
+    from scratchllm.checkpoint import save_checkpoint
 
     model = make_model()
     save_checkpoint(tmp_path / "ckpt", model, ByteTokenizer())
@@ -218,7 +218,7 @@ def checkpoint(tmp_path):
 
 
 def test_load_checkpoint_quantizes(checkpoint):
-    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.checkpoint import load_checkpoint
 
     path, _ = checkpoint
     ckpt = load_checkpoint(path, "cpu", torch.bfloat16, quantize="int8")
@@ -229,7 +229,7 @@ def test_load_checkpoint_quantizes(checkpoint):
 
 def test_generate_command_with_quantize_flag(checkpoint, capsys):
     from scratchllm.cli import main
-    from scratchllm.generate import generate_text
+    from scratchllm.inference.generate import generate_text
 
     path, model = checkpoint
     argv = ["generate", "--checkpoint", str(path), "--prompt", "abc", "--max-new-tokens", "12"]
@@ -334,10 +334,10 @@ def test_models_that_cannot_be_packed_are_left_as_they_are():
 
 @needs_onednn
 def test_cli_packs_by_default_and_no_pack_gives_the_same_text(checkpoint, capsys):
+    from scratchllm.checkpoint import load_checkpoint
     from scratchllm.cli import build_parser, main
     from scratchllm.commands._inference import load_model
-    from scratchllm.generate import generate_text
-    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.inference.generate import generate_text
 
     path, model = checkpoint
     argv = ["generate", "--checkpoint", str(path), "--prompt", "abc", "--max-new-tokens", "12"]
@@ -409,9 +409,9 @@ def test_fp16_model_halves_bytes_and_keeps_greedy_tokens(kind):
 
 @needs_fbgemm
 def test_fp16_from_the_cli_and_checkpoint(checkpoint, capsys):
+    from scratchllm.checkpoint import load_checkpoint
     from scratchllm.cli import main
-    from scratchllm.generate import generate_text
-    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.inference.generate import generate_text
 
     path, model = checkpoint
     ckpt = load_checkpoint(path, "cpu", torch.bfloat16, quantize="fp16")

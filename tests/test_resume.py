@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
-from scratchllm.errors import CheckpointError
-from scratchllm.train.checkpoint import (
+from scratchllm.checkpoint import (
     load_checkpoint,
     load_state_dict,
     load_train_state,
     prune_checkpoints,
 )
+from scratchllm.errors import CheckpointError
 from scratchllm.train.tasks import LMTask
 from scratchllm.train.trainer import TrainConfig, Trainer, TrainerCallback, TrainingDiverged
 

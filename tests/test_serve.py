@@ -2,7 +2,7 @@
 
 A tiny random GPT over bytes is saved as a checkpoint and served on a free
 127.0.0.1 port. Greedy answers are checked against the book's generation loop
-(`scratchllm.generate.generate_text`), which runs without the engine, the batching or the server.
+(`scratchllm.inference.generate.generate_text`), which runs without the engine, the batching or the server.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
-from scratchllm.engine import ALPACA_STOPS, Engine, alpaca_prompt
-from scratchllm.generate import generate_text
-from scratchllm.serve import ServerThread
-from scratchllm.train.checkpoint import load_checkpoint, save_checkpoint
+from scratchllm.checkpoint import load_checkpoint, save_checkpoint
+from scratchllm.inference.chat import ALPACA_STOPS, alpaca_prompt
+from scratchllm.inference.engine import Engine
+from scratchllm.inference.generate import generate_text
+from scratchllm.serve.app import ServerThread
 
 MODEL = "tiny-test"
 JSON = {"Content-Type": "application/json"}

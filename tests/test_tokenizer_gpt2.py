@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+from bpe_reference import ReferenceBPE, gpt2_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchllm.bpe_reference import ReferenceBPE, gpt2_reference
-from scratchllm.tokenizer import EOT, GPT2_PATTERN, BPETokenizer
+from scratchllm.tokenizers import EOT, GPT2_PATTERN, BPETokenizer
 
 REFERENCE_PREFIX = 50_000  # characters the slow reference encoder gets of each file
 

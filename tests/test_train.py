@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
+from scratchllm.checkpoint import load_checkpoint, load_state_dict
 from scratchllm.commands.pretrain import PretrainOptions, pretrain
-from scratchllm.train.checkpoint import load_checkpoint, load_state_dict
 from scratchllm.train.schedule import lr_at
 from scratchllm.train.tasks import LMTask
 from scratchllm.train.trainer import TrainConfig, Trainer, TrainerCallback

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from scratchllm import GPTModel, ModelConfig
-from scratchllm.engine import Engine
-from scratchllm.serve import ServerThread
-from scratchllm.train.checkpoint import load_checkpoint, save_checkpoint
+from scratchllm.checkpoint import load_checkpoint, save_checkpoint
+from scratchllm.inference.engine import Engine
+from scratchllm.serve.app import ServerThread
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -3,7 +3,7 @@
 from scratchllm.config import ModelConfig
 from scratchllm.errors import CheckpointError, InputError, ScratchLLMError
 from scratchllm.model import GPTModel, MultiHeadAttention, TransformerBlock
-from scratchllm.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from scratchllm.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 

@@ -115,7 +115,7 @@ class ModelConfig:
             raise InputError(f"{source}: {exc}") from None
 
     def to_json(self, path: str | Path) -> None:
-        from scratchllm.utils import atomic_write_text
+        from scratchllm.fs import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -33,8 +33,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace, rows: int = 1) -> Any:
     """The checkpoint at `args.checkpoint` on `--device`, in `--dtype`, `--quantize`d, its fp32
     CPU linears packed unless `--no-pack` (`--pack auto`: for `rows` sequences at a time)."""
-    from scratchllm.quantize import device_for
-    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.checkpoint import load_checkpoint
+    from scratchllm.inference.weights import device_for
     from scratchllm.utils import parse_dtype, pick_device
 
     device = pick_device(device_for(args.device, args.quantize))

@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchllm.engine import ChatSession, Engine, SamplingParams
     from scratchllm.errors import InputError
+    from scratchllm.inference.chat import ChatSession
+    from scratchllm.inference.engine import Engine, SamplingParams
 
     params = SamplingParams(
         max_tokens=args.max_new_tokens,

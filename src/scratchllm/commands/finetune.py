@@ -154,7 +154,7 @@ def _judge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from scratchllm.finetune.judge import JudgeClient, score_responses
-    from scratchllm.utils import atomic_write_text
+    from scratchllm.fs import atomic_write_text
 
     path = Path(args.responses)
     if not path.is_file():

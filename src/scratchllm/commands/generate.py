@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scratchllm.errors import InputError
-    from scratchllm.generate import generate_text
+    from scratchllm.inference.generate import generate_text
 
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be ≥ 0, got {args.max_new_tokens}")

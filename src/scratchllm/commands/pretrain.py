@@ -249,13 +249,13 @@ def pretrain(opts: PretrainOptions, callback=None) -> dict[str, Any]:
 def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[str, Any]:
     import torch
 
+    from scratchllm.checkpoint import load_checkpoint
     from scratchllm.commands._progress import ProgressCallback
     from scratchllm.data.loader import split_tokens
     from scratchllm.data.shards import token_file_for
     from scratchllm.model.gpt import GPTModel
-    from scratchllm.tokenizer import load_tokenizer
+    from scratchllm.tokenizers import load_tokenizer
     from scratchllm.train import distributed as D
-    from scratchllm.train.checkpoint import load_checkpoint
     from scratchllm.train.tasks import LMTask
     from scratchllm.train.trainer import TrainConfig, Trainer, TrainerCallback
     from scratchllm.utils import seed_everything
@@ -331,7 +331,7 @@ def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[
     trainer = Trainer(
         model, task, train_config, out, tokenizer, meta, callback or ProgressCallback()
     )
-    from scratchllm.utils import atomic_write_text
+    from scratchllm.fs import atomic_write_text
 
     if info.is_main:
         atomic_write_text(out / "run.json", json.dumps(dataclasses.asdict(opts), indent=2) + "\n")

@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from scratchllm.checkpoint import load_checkpoint
     from scratchllm.commands.pretrain import PretrainOptions, pretrain
-    from scratchllm.generate import generate_text
-    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.inference.generate import generate_text
 
     out = Path(args.out)
     if (out / "checkpoint").exists():
@@ -39,11 +39,11 @@ def run(args: argparse.Namespace) -> int:
     print("  corpus builtin:python-docs (pydoc_data.topics, ~0.47 MB, ships with Python)")
     # A small byte-level BPE learned from the corpus itself (seconds), as nanochat does.
     from scratchllm.data.corpus import iter_documents
-    from scratchllm.tokenizer import BPETokenizer
+    from scratchllm.tokenizers.train import train_bpe
 
     t0 = time.perf_counter()
     texts = [text for _, text in iter_documents(["builtin:python-docs"])]
-    tokenizer = BPETokenizer.from_training(texts, args.vocab_size, name="python-docs-bpe")
+    tokenizer = train_bpe(texts, args.vocab_size, name="python-docs-bpe")
     tokenizer_spec = str(out / "tokenizer")
     tokenizer.save(tokenizer_spec)
     n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))

@@ -31,9 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchllm.engine import Engine
     from scratchllm.errors import InputError
-    from scratchllm.serve import serve
+    from scratchllm.inference.engine import Engine
+    from scratchllm.serve.app import serve
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")

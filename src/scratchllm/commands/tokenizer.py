@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
 # -- reading the corpus --------------------------------------------------------------------------
 def _documents(specs: list[str], specials: list[str], clean: bool) -> tuple[Iterator[str], int]:
     """Safe-cut text chunks of every document named by `specs`, and their total size."""
-    from scratchllm.bpe_train import read_text_pieces, split_chunks
     from scratchllm.data.corpus import builtin_text, list_sources
+    from scratchllm.tokenizers.train import read_text_pieces, split_chunks
 
     sources = list_sources(specs)  # checks every spec before reading anything
     total = 0
@@ -125,9 +125,9 @@ class _Bars:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from scratchllm.bpe_train import check_special_tokens, check_vocab_size, train_bpe
     from scratchllm.errors import InputError
-    from scratchllm.tokenizer import EOT, PATTERNS, TIKTOKEN_FILE
+    from scratchllm.tokenizers.base import EOT, PATTERNS, TIKTOKEN_FILE
+    from scratchllm.tokenizers.train import check_special_tokens, check_vocab_size, train_bpe
 
     specials = check_special_tokens([EOT] + [s for s in args.special if s != EOT])
     check_vocab_size(args.vocab_size, len(specials))
@@ -173,7 +173,7 @@ def _encode(args: argparse.Namespace) -> int:
     import json
 
     from scratchllm.errors import InputError
-    from scratchllm.tokenizer import load_tokenizer
+    from scratchllm.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     if args.file is not None:
@@ -205,7 +205,7 @@ def _stats(args: argparse.Namespace) -> int:
     import numpy as np
 
     from scratchllm.errors import InputError
-    from scratchllm.tokenizer import load_tokenizer
+    from scratchllm.tokenizers import load_tokenizer
 
     if args.top < 0:
         raise InputError(f"--top must be ≥ 0, got {args.top}")

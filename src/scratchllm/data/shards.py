@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from scratchllm import tokenizer as tokenizer_module
 from scratchllm.data import corpus
 from scratchllm.errors import InputError
-from scratchllm.tokenizer import GPT2_PATTERN, BPETokenizer, ByteTokenizer, Tokenizer
-from scratchllm.utils import fsync_dir
+from scratchllm.fs import fsync_dir
+from scratchllm.tokenizers import GPT2_PATTERN, BPETokenizer, ByteTokenizer, Tokenizer
+from scratchllm.tokenizers import base as tokenizer_module
 
 log = logging.getLogger(__name__)
 

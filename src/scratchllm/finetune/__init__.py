@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from scratchllm.errors import InputError
-from scratchllm.utils import atomic_write_bytes, atomic_write_text
+from scratchllm.fs import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,8 @@ def save_final(
     a standard checkpoint (with the adapters kept as extra files) over the trainer's one."""
     from safetensors.torch import save as save_tensors
 
+    from scratchllm.checkpoint import save_checkpoint
     from scratchllm.model.lora import adapter_state_dict, has_lora, merge_lora
-    from scratchllm.train.checkpoint import save_checkpoint
 
     if not has_lora(model):
         return out / "checkpoint"
@@ -157,8 +157,8 @@ def load_with_adapters(adapters_dir: str | Path, device: str | torch.device = "c
     """Rebuild an unmerged LoRA model: the base checkpoint named in lora.json plus the adapters."""
     from safetensors.torch import load_file
 
+    from scratchllm.checkpoint import load_checkpoint
     from scratchllm.model.lora import apply_lora, load_adapter_state_dict
-    from scratchllm.train.checkpoint import load_checkpoint
 
     adapters_dir = Path(adapters_dir)
     spec_path = adapters_dir / "lora.json"
@@ -188,7 +188,7 @@ def plot_eval_metrics(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scratchllm.utils import atomic_write
+    from scratchllm.fs import atomic_write
 
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -197,7 +197,7 @@ def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scratchllm.utils import atomic_write
+    from scratchllm.fs import atomic_write
 
     n = len(labels)
     fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 2))
@@ -244,7 +244,7 @@ def prepare_splits(
 
 def finetune_classify(opts: ClassifyOptions, callback=None) -> dict[str, Any]:
     """Fine-tune a checkpoint as a classifier; writes checkpoint/, metrics, plots, results.json."""
-    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.checkpoint import load_checkpoint
     from scratchllm.utils import pick_device, seed_everything
 
     opts.validate()
@@ -304,7 +304,7 @@ class Classifier:
     """Predict labels with a checkpoint saved by `finetune_classify`."""
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
-        from scratchllm.train.checkpoint import load_checkpoint
+        from scratchllm.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint, device=device)
         if ckpt.meta.get("task") != "classify" or not ckpt.meta.get("labels"):

@@ -148,7 +148,7 @@ class InstructionTask:
     def sample(self, model, max_new_tokens: int) -> str | None:
         if self.tokenizer is None or not self.sample_prompt:
             return None
-        from scratchllm.generate import generate_text
+        from scratchllm.inference.generate import generate_text
 
         return generate_text(model, self.tokenizer, self.sample_prompt, max_new_tokens).strip()
 
@@ -170,7 +170,7 @@ def generate_responses(
     progress=None,
 ) -> list[dict[str, str]]:
     """Greedy responses to each record's prompt, stopping at end-of-text."""
-    from scratchllm.generate import generate
+    from scratchllm.inference.generate import generate
 
     context = model.config.context_length
     device = next(model.parameters()).device
@@ -198,8 +198,9 @@ def finetune_instruct(opts: InstructOptions, callback=None, progress=None) -> di
     results.json (val_loss, test_loss) into `opts.out`."""
     import json
 
-    from scratchllm.train.checkpoint import load_checkpoint
-    from scratchllm.utils import atomic_write_text, pick_device, seed_everything
+    from scratchllm.checkpoint import load_checkpoint
+    from scratchllm.fs import atomic_write_text
+    from scratchllm.utils import pick_device, seed_everything
 
     opts.validate()
     if opts.template not in TEMPLATES:

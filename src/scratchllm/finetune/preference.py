@@ -220,7 +220,7 @@ class DPOTask:
 
 def finetune_dpo(opts: DPOOptions, callback=None) -> dict[str, Any]:
     """DPO-tune a checkpoint (usually an instruction-tuned one) on preference pairs."""
-    from scratchllm.train.checkpoint import load_checkpoint
+    from scratchllm.checkpoint import load_checkpoint
     from scratchllm.utils import pick_device, seed_everything
 
     opts.validate()

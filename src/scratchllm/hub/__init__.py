@@ -6,7 +6,7 @@
 - `HFTokenizer`: tokenizer.json behind scratchllm's `Tokenizer` interface, with chat templates.
 - `download(name, out)`: fetch a model folder from the Hugging Face Hub (needs internet).
 
-Names resolve lazily so that `import scratchllm.hub.hf_tokenizer` stays light.
+Names resolve lazily so that `import scratchllm.tokenizers.hf` stays light.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _EXPORTS = {
     "export_hf": "scratchllm.hub.convert",
     "detect_format": "scratchllm.hub.convert",
     "ConvertResult": "scratchllm.hub.convert",
-    "HFTokenizer": "scratchllm.hub.hf_tokenizer",
+    "HFTokenizer": "scratchllm.tokenizers.hf",
     "download": "scratchllm.hub.download",
     "resolve_repo": "scratchllm.hub.download",
 }

@@ -31,7 +31,7 @@ import torch
 
 from scratchllm.config import ModelConfig
 from scratchllm.errors import CheckpointError, InputError
-from scratchllm.utils import fsync_dir
+from scratchllm.fs import fsync_dir
 
 # ============================================================================================
 # Tensor sources: named tensors read one at a time
@@ -1193,9 +1193,9 @@ def import_hf(
     fmt: str = "auto",
 ) -> ConvertResult:
     """Convert a Hugging Face (or OpenAI TensorFlow GPT-2) folder into a scratchllm checkpoint."""
-    from scratchllm.hub.hf_tokenizer import merges_file_of, save_tokenizer, tokenizer_from_model_dir
-    from scratchllm.tokenizer import load_tokenizer
-    from scratchllm.train.checkpoint import FORMAT_VERSION, check_tokenizer_fits
+    from scratchllm.checkpoint import FORMAT_VERSION, check_tokenizer_fits
+    from scratchllm.tokenizers import load_tokenizer
+    from scratchllm.tokenizers.hf import merges_file_of, save_tokenizer, tokenizer_from_model_dir
 
     source, out = Path(source), Path(out)
     fmt = detect_format(source) if fmt == "auto" else fmt
@@ -1267,9 +1267,9 @@ def export_hf(
     force: bool = False,
 ) -> ConvertResult:
     """Write a scratchllm checkpoint as a Hugging Face folder (config, safetensors, tokenizer)."""
-    from scratchllm.hub.hf_tokenizer import export_tokenizer
-    from scratchllm.tokenizer import load_tokenizer
-    from scratchllm.train.checkpoint import resolve_checkpoint_dir
+    from scratchllm.checkpoint import resolve_checkpoint_dir
+    from scratchllm.tokenizers import load_tokenizer
+    from scratchllm.tokenizers.hf import export_tokenizer
 
     ckpt = resolve_checkpoint_dir(checkpoint)
     out = Path(out)

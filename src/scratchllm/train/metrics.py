@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from scratchllm.utils import atomic_write
+from scratchllm.fs import atomic_write
 
 
 class MetricsLog:

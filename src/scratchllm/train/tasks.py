@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from scratchllm.data.loader import BatchLoader, SlidingWindowDataset
 from scratchllm.errors import InputError
-from scratchllm.generate import generate_text
+from scratchllm.inference.generate import generate_text
 from scratchllm.model.gpt import GPTModel
-from scratchllm.tokenizer import Tokenizer
+from scratchllm.tokenizers import Tokenizer
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -19,25 +19,16 @@ import dataclasses
 import json
 import logging
 import math
-import random
-import signal
-import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from scratchllm.errors import CheckpointError, InputError, ScratchLLMError
-from scratchllm.model.gpt import GPTModel
-from scratchllm.tokenizer import Tokenizer
-from scratchllm.train import distributed as D
-from scratchllm.train.checkpoint import (
+from scratchllm.checkpoint import (
     link_checkpoint,
     load_train_state,
     prune_checkpoints,
@@ -45,8 +36,21 @@ from scratchllm.train.checkpoint import (
     save_checkpoint,
     update_meta,
 )
+from scratchllm.errors import CheckpointError, InputError, ScratchLLMError
+from scratchllm.model.gpt import GPTModel
+from scratchllm.tokenizers import Tokenizer
+from scratchllm.train import distributed as D
 from scratchllm.train.metrics import MetricsLog, plot_losses
+from scratchllm.train.optim import build_optimizer
 from scratchllm.train.schedule import lr_at
+from scratchllm.train.state import (
+    _rng_from_plain,
+    _rng_to_plain,
+    _StopRequest,
+    rng_state,
+    set_rng_state,
+)
+from scratchllm.train.throughput import cpu_has_native_bf16, measure_peak_flops, peak_memory_gib
 from scratchllm.utils import parse_dtype, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -161,166 +165,6 @@ class TrainResult:
     last_eval: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     interrupted: str | None = None  # "SIGTERM"/"SIGINT" when a signal stopped the run early
-
-
-# -- optimizer ---------------------------------------------------------------------------------
-# Measured with benchmarks/train_throughput.py: on CPU the fused AdamW kernel beats the foreach
-# one (one pass over memory instead of several); on CUDA fused is the documented fastest.
-_AUTO_IMPL = {"cuda": "fused", "cpu": "fused"}
-
-
-def build_optimizer(
-    model: torch.nn.Module, config: TrainConfig, device: torch.device
-) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on ≥2-D weights (matmuls, embeddings), not on norms or biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    impl = config.optimizer_impl
-    if impl == "auto":
-        impl = _AUTO_IMPL.get(device.type, "foreach")
-    extra = {"fused": True} if impl == "fused" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **extra)
-
-
-# -- RNG ---------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_tuplify(state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _rng_to_plain(state: dict[str, Any]) -> dict[str, Any]:
-    # Plain Python for all_gather_object (it cannot ship the CPU byte tensors themselves).
-    out = dict(state)
-    name, keys, *rest = state["numpy"]
-    out["numpy"] = [name, keys.tolist(), *rest]
-    out["torch"] = state["torch"].tolist()
-    if "cuda" in state:
-        out["cuda"] = [t.tolist() for t in state["cuda"]]
-    return out
-
-
-def _rng_from_plain(state: dict[str, Any]) -> dict[str, Any]:
-    out = dict(state)
-    name, keys, *rest = state["numpy"]
-    out["numpy"] = [name, torch.from_numpy(np.array(keys, dtype=np.uint32)), *rest]
-    out["torch"] = torch.tensor(state["torch"], dtype=torch.uint8)
-    if "cuda" in state:
-        out["cuda"] = [torch.tensor(t, dtype=torch.uint8) for t in state["cuda"]]
-    return out
-
-
-def _tuplify(x: Any) -> Any:
-    return tuple(_tuplify(i) for i in x) if isinstance(x, list | tuple) else x
-
-
-# -- throughput --------------------------------------------------------------------------------
-def measure_peak_flops(
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    size: int = 1024,
-    seconds: float = 0.25,
-) -> float:
-    """FLOP/s of a square `size` matmul on `device` in `dtype`: the practical peak for MFU.
-
-    Timed in the calling process, so it sees the same threads and clocks as training does.
-    A dtype the hardware only emulates (bf16 on CPUs without AVX512-BF16/AMX runs ~100x slower
-    than fp32) is measured at a smaller size so the measurement stays well under a second."""
-    device = torch.device(device)
-    # A private generator: measuring must not move the training RNG stream (exact resume).
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def timed(n: int) -> tuple[float, int]:
-        a = torch.randn(n, n, device=device, generator=gen).to(dtype)
-        b = torch.randn(n, n, device=device, generator=gen).to(dtype)
-        a @ b  # warm-up: the first call selects kernels
-        sync()
-        # The fastest single product, not the mean: other processes sharing the cores would
-        # otherwise lower the "peak" and push MFU past 100% once they stop.
-        start, reps, best = time.perf_counter(), 0, float("inf")
-        while True:
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            best = min(best, time.perf_counter() - t0)
-            reps += 1
-            if time.perf_counter() - start > seconds or reps >= 500:
-                return 2.0 * n**3 / best, reps
-
-    if device.type == "cpu" and dtype != torch.float32 and not cpu_has_native_bf16():
-        size = min(size, 256)
-    return timed(size)[0]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 / AMX); else bf16 is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory of this process so far: CUDA allocator peak, else the peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows
-        return float("nan")
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-# -- signals -----------------------------------------------------------------------------------
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag that the loop checks at the next optimizer-step boundary;
-    a second SIGINT raises KeyboardInterrupt at once."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers live in the main thread only
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old.clear()
 
 
 class Trainer:
@@ -482,11 +326,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from `out_dir/checkpoint`: weights, optimizer, step, data position, RNG."""
-        from scratchllm.train.checkpoint import (
-            load_state_dict,
-            load_weights_into,
-            resolve_checkpoint_dir,
-        )
+        from scratchllm.checkpoint import load_state_dict, load_weights_into, resolve_checkpoint_dir
 
         if self.is_main:
             recover_interrupted_save(self.checkpoint_dir)

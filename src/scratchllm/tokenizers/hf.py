@@ -23,16 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from scratchllm.errors import InputError
-from scratchllm.tokenizer import (
-    EOT,
-    GPT2_PATTERN,
-    META_FILE,
-    BPETokenizer,
-    ByteTokenizer,
-    Tokenizer,
-    write_meta,
-)
-from scratchllm.utils import atomic_write_bytes, atomic_write_text
+from scratchllm.fs import atomic_write_bytes, atomic_write_text
+from scratchllm.tokenizers.base import EOT, GPT2_PATTERN, META_FILE, Tokenizer, write_meta
+from scratchllm.tokenizers.bpe import BPETokenizer
+from scratchllm.tokenizers.bytes import ByteTokenizer
 
 HF_FILES = (
     "tokenizer.json",
@@ -225,7 +219,7 @@ class HFTokenizer(Tokenizer):
         """The bytes every id stands for (byte-level pieces mapped back through GPT-2's table)."""
         if self._table is not None:
             return self._table
-        from scratchllm.bpe_files import str_to_token
+        from scratchllm.tokenizers.files import str_to_token
 
         table: list[bytes | None] = [None] * self._n_vocab
         for piece, i in self._tok.get_vocab(with_added_tokens=True).items():
@@ -406,7 +400,7 @@ def _compile_template(source: str):
 
 def gpt2_bpe_from_files(vocab: Path, merges: Path, name: str = "gpt2") -> BPETokenizer:
     """A `BPETokenizer` from Hugging Face's vocab.json + merges.txt (= encoder.json + vocab.bpe)."""
-    from scratchllm import bpe_files
+    from scratchllm.tokenizers import files as bpe_files
 
     with tempfile.TemporaryDirectory(prefix="scratchllm-bpe-") as tmp:
         links = {Path(tmp) / "encoder.json": vocab, Path(tmp) / "vocab.bpe": merges}
@@ -425,7 +419,7 @@ def gpt2_bpe_from_files(vocab: Path, merges: Path, name: str = "gpt2") -> BPETok
 def save_tokenizer(tokenizer: Tokenizer, directory: Path, merges_file: Path | None = None) -> None:
     """`tokenizer.save(directory)`; a BPE tokenizer read from files keeps their merge list
     instead of recovering it from the ranks (a second saved on GPT-2's 50k merges)."""
-    from scratchllm import bpe_files
+    from scratchllm.tokenizers import files as bpe_files
 
     known = getattr(tokenizer, "merges", None)
     if isinstance(tokenizer, BPETokenizer) and merges_file is not None and known is None:
@@ -538,7 +532,7 @@ def export_tokenizer(
     `saved_dir` is the checkpoint's tokenizer/ folder: a BPE tokenizer's encoder.json and
     vocab.bpe there become vocab.json and merges.txt, and tokenizer.json is built from them.
     """
-    from scratchllm import bpe_files
+    from scratchllm.tokenizers import files as bpe_files
 
     out = Path(out)
     if isinstance(tokenizer, HFTokenizer):

@@ -1,7 +1,7 @@
 """The inference engine: batched decoding over a per-row KV cache, streaming, stop conditions.
 
 One `Engine` serves many requests at once (continuous batching): every `step()` runs one decode
-step over all active sequences (`scratchllm.model.decode.DecodeStep`: the model's arithmetic for
+step over all active sequences (`scratchllm.inference.decode.DecodeStep`: the model's arithmetic for
 one token, without its module-call overhead), then prefills newly arrived prompts together
 (right-padded, one forward pass) and merges them into the running batch; finished or cancelled
 rows leave it. The same step drives offline batched generation (`generate`), single-prompt
@@ -10,7 +10,7 @@ streaming (`stream`) and the HTTP server (a background thread started with `star
 Per sequence: its own stop ids, stop strings (cut exactly, never streamed in part), token limit,
 sampling settings and seeded `torch.Generator`; `n` samples of one prompt share one prefill. Text
 is decoded incrementally as UTF-8, so a stream never splits a multi-byte character. Tokens are
-drawn by the one sampler in `scratchllm.generate`.
+drawn by the one sampler in `scratchllm.inference.sampling`.
 """
 
 from __future__ import annotations
@@ -22,26 +22,20 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from scratchllm.errors import InputError
-from scratchllm.generate import apply_repetition_penalty, sample_next
+from scratchllm.inference.decode import DecodeStep
+from scratchllm.inference.sampling import apply_repetition_penalty, sample_next
 from scratchllm.model.attention import BatchKVCache
-from scratchllm.model.decode import DecodeStep
 from scratchllm.model.gpt import GPTModel
-from scratchllm.tokenizer import Tokenizer
+from scratchllm.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# The book's instruction format (ch. 7, Alpaca), used when a tokenizer has no chat template.
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
-ALPACA_STOPS = ("\n\n### Instruction:", "\n\n### Input:", "\n\n### Response:")
 # Room reserved beyond the prompt when a batch's cache is first allocated; it doubles as needed.
 _CACHE_HEADROOM = 128
 
@@ -262,54 +256,6 @@ def default_stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
     if eot is not None:
         ids.add(eot)
     return frozenset(ids)
-
-
-def has_chat_template(tokenizer: Tokenizer) -> bool:
-    return bool(getattr(tokenizer, "has_chat_template", False))
-
-
-def alpaca_prompt(messages: Sequence[dict[str, Any]]) -> str:
-    """The book's instruction format for a conversation (a system message replaces the preamble).
-
-    Each user turn is an `### Instruction:`, each assistant turn a `### Response:`; the text ends
-    with an open `### Response:` for the model to fill.
-    """
-    system = [m["content"] for m in messages if m["role"] == "system"]
-    text = system[0] if system else ALPACA_PREAMBLE
-    for m in messages:
-        if m["role"] == "user":
-            text += f"\n\n### Instruction:\n{m['content']}"
-        elif m["role"] == "assistant":
-            text += f"\n\n### Response:\n{m['content']}"
-    return text + "\n\n### Response:\n"
-
-
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    """A chat as a list of {"role": system|user|assistant, "content": str}; else `InputError`."""
-    if not isinstance(messages, list) or not messages:
-        raise InputError("messages: expected a non-empty list of {'role', 'content'} objects")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise InputError(f"messages[{i}]: role must be 'system', 'user' or 'assistant'")
-        if not isinstance(m.get("content"), str):
-            raise InputError(f"messages[{i}]: content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def chat_prompt(
-    tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
-) -> tuple[list[int], tuple[str, ...]]:
-    """Prompt ids for a conversation and the stop strings its template needs.
-
-    The checkpoint's own chat template when it has one, else the book's Alpaca format, in which
-    user text is encoded as plain text (a special token typed by a user stays text).
-    """
-    messages = check_messages(list(messages))
-    if has_chat_template(tokenizer):
-        return tokenizer.encode_chat(messages, add_generation_prompt=True), ()
-    return tokenizer.encode_ordinary(alpaca_prompt(messages)), ALPACA_STOPS
 
 
 class Engine:
@@ -628,51 +574,3 @@ class Engine:
             return False
         seq.push(token)
         return seq.finish_reason is None
-
-
-@dataclass
-class ChatSession:
-    """A conversation that keeps its history within the context window (the `chat` command)."""
-
-    engine: Engine
-    params: SamplingParams
-    system: str | None = None
-    history: list[dict[str, str]] = field(default_factory=list)
-
-    def reset(self) -> None:
-        self.history.clear()
-
-    def prompt(self, user: str) -> tuple[list[int], tuple[str, ...], int]:
-        """Prompt ids for the history plus `user`, dropping the oldest turns until it fits.
-
-        Returns (ids, stop strings, turns dropped); `InputError` if even the new message alone
-        leaves no room for `params.max_tokens`.
-        """
-        room = self.engine.context_length - self.params.max_tokens
-        dropped = 0
-        while True:
-            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
-                *self.history[2 * dropped :],
-                {"role": "user", "content": user},
-            ]
-            ids, stops = chat_prompt(self.engine.tokenizer, messages)
-            if len(ids) <= room:
-                return ids, stops, dropped
-            if 2 * dropped >= len(self.history):
-                raise InputError(
-                    f"message of {len(ids)} prompt tokens leaves no room for {self.params.max_tokens} "
-                    f"new tokens in the context of {self.engine.context_length}"
-                )
-            dropped += 1
-
-    def send(self, user: str) -> Iterator[str]:
-        """Stream the reply to `user` and add both to the history."""
-        ids, stops, dropped = self.prompt(user)
-        if dropped:
-            self.history = self.history[2 * dropped :]
-        params = SamplingParams(**{**self.params.__dict__, "stop": (*self.params.stop, *stops)})
-        reply = ""
-        for event in self.engine.stream(ids, params):
-            reply += event.text
-            yield event.text
-        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]

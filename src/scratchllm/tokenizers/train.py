@@ -30,9 +30,10 @@ from typing import Any
 
 import regex
 
-from scratchllm.bpe_files import bytes_to_unicode
 from scratchllm.errors import InputError
-from scratchllm.tokenizer import EOT, GPT2_PATTERN, PATTERNS, BPETokenizer
+from scratchllm.tokenizers.base import EOT, GPT2_PATTERN, PATTERNS
+from scratchllm.tokenizers.bpe import BPETokenizer
+from scratchllm.tokenizers.files import bytes_to_unicode
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save_file
 
 from scratchllm.config import ModelConfig
 from scratchllm.errors import CheckpointError
+from scratchllm.fs import fsync_dir
 from scratchllm.model.gpt import GPTModel
-from scratchllm.tokenizer import Tokenizer, load_tokenizer
-from scratchllm.utils import fsync_dir
+from scratchllm.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -219,7 +219,7 @@ def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
 
 def update_meta(dirs: list[Path], changes: dict[str, Any]) -> None:
     """Merge `changes` into checkpoint.json of each directory, atomically (new file, rename)."""
-    from scratchllm.utils import atomic_write_text
+    from scratchllm.fs import atomic_write_text
 
     for d in dirs:
         if not (d / "checkpoint.json").exists():
@@ -298,12 +298,12 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load model, tokenizer and metadata; raise `CheckpointError` naming what is wrong.
 
-    `quantize="fp16"` or `"int8"`: smaller linear weights for CPU decoding (`scratchllm.quantize`).
+    `quantize="fp16"` or `"int8"`: smaller linear weights for CPU decoding (`scratchllm.inference.weights`).
     `pack=True` (or a layout, "gemv" | "onednn" | "both" = True): fp32 linears on the CPU are
-    packed for faster decoding (`scratchllm.quantize.pack_linears`, inference only); anything else
+    packed for faster decoding (`scratchllm.inference.weights.pack_linears`, inference only); anything else
     is left as it is.
     """
-    from scratchllm.quantize import apply_quantization, check_quantize, pack_linears
+    from scratchllm.inference.weights import apply_quantization, check_quantize, pack_linears
 
     check_quantize(quantize, device)  # before the (slow) load
     path = Path(path)

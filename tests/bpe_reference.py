@@ -14,9 +14,9 @@ from pathlib import Path
 
 import regex
 
-from scratchllm import bpe_files
 from scratchllm.errors import InputError
-from scratchllm.tokenizer import EOT, GPT2_PATTERN, BPETokenizer
+from scratchllm.tokenizers import EOT, GPT2_PATTERN, BPETokenizer
+from scratchllm.tokenizers import files as bpe_files
 
 
 class ReferenceBPE:

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from scratchllm.errors import InputError
-from scratchllm.utils import atomic_write_text
+from scratchllm.fs import atomic_write_text
 
 VERSION_LINE = "#version: 0.2"
 
