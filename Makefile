@@ -45,6 +45,7 @@ browser:
 # pytest exits 5 when it collected no tests: treat that as a failure, not a pass.
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

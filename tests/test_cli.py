@@ -220,3 +220,21 @@ def test_resume_without_a_run_and_unknown_preset(capsys, tmp_path):
     expect_input_error(
         capsys, ["pretrain", "--model", "gpt-9000", "--out", tmp_path / "o"], "gpt-9000"
     )
+
+
+def test_version_and_the_short_public_api(capsys):
+    import tomllib
+    from pathlib import Path
+
+    import scratchllm
+
+    declared = tomllib.loads(
+        (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    )["project"]["version"]
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"scratchllm {declared}"
+    assert scratchllm.__version__ == declared
+    for name in ("load_checkpoint", "save_checkpoint", "generate", "GPTModel", "load_tokenizer"):
+        assert callable(getattr(scratchllm, name)), name

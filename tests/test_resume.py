@@ -289,3 +289,58 @@ def test_speed_switches_keep_logits_and_gradients(switch, monkeypatch):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class InterruptMidStep:
+    """Wraps a task: a KeyboardInterrupt (a second Ctrl-C) inside micro-batch `micro` of step
+    `step`, after the loader has already handed out that step's first micro-batches."""
+
+    def __init__(self, task, step: int, micro: int, accum: int) -> None:
+        self.task, self.calls, self.at = task, 0, step * accum + micro
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.calls == self.at + 1:
+            raise KeyboardInterrupt
+        return self.task.loss(model, batch)
+
+
+def test_interrupt_mid_step_saves_the_step_boundary_and_resumes_exactly(tmp_path, data_dir):
+    straight = _trainer(tmp_path / "a", data_dir, max_steps=6, grad_accum_steps=2)
+    straight.fit()
+    cut = _trainer(tmp_path / "b", data_dir, max_steps=6, grad_accum_steps=2)
+    cut.task = InterruptMidStep(cut.task, step=3, micro=1, accum=2)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    state = load_train_state(tmp_path / "b" / "run")
+    assert state["step"] == 3 and state["accum_position"] == 0
+    resumed = _trainer(tmp_path / "b", data_dir, max_steps=6, grad_accum_steps=2)
+    resumed.fit(resume=True)
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert (a / "checkpoint" / "model.safetensors").read_bytes() == (
+        b / "checkpoint" / "model.safetensors"
+    ).read_bytes()
+    assert _losses(a) == _losses(b)
+
+
+def test_a_second_ctrl_c_during_the_update_waits_for_it_to_end():
+    from scratchllm.train.state import _StopRequest
+
+    stop = _StopRequest()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first asks for a stop at the next boundary
+        assert stop.signal == "SIGINT"
+        finished = False
+        with pytest.raises(KeyboardInterrupt):
+            with stop.held():
+                os.kill(os.getpid(), signal.SIGINT)  # the second, mid-update: deferred
+                finished = True
+        assert finished
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # outside the update: at once
+    finally:
+        stop.restore()

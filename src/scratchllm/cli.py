@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from scratchllm import __version__
 from scratchllm.errors import InputError
 
 # name → module. Order is the order `scratchllm --help` lists them.
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build, pretrain, fine-tune and run GPT-style language models from scratch.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"scratchllm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)

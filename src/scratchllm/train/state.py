@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -61,11 +63,14 @@ def _tuplify(x: Any) -> Any:
 # -- signals -----------------------------------------------------------------------------------
 class _StopRequest:
     """SIGTERM/SIGINT set a flag that the loop checks at the next optimizer-step boundary;
-    a second SIGINT raises KeyboardInterrupt at once."""
+    a second SIGINT raises KeyboardInterrupt at once, except inside `held()` (the optimizer
+    update), where it waits for the block to end: weights and step counter move together."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
         self._old: dict[int, Any] = {}
+        self._holding = False
+        self._deferred = False
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -75,8 +80,22 @@ class _StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None and signum == signal.SIGINT:
+            if self._holding:
+                self._deferred = True
+                return
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._deferred:
+            self._deferred = False
+            raise KeyboardInterrupt
 
     def restore(self) -> None:
         for sig, handler in self._old.items():

@@ -15,6 +15,7 @@ the callback and `metrics.jsonl`. The trainer never prints: it reports to a `Tra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -445,6 +446,7 @@ class Trainer:
         stop = _StopRequest()
         stop.install()
         interrupted: str | None = None
+        boundary: tuple[dict[str, Any], dict[str, Any]] | None = None
         try:
             while self.step < self.total_steps:
                 if D.any_rank(stop.signal is not None, self.device):
@@ -455,6 +457,9 @@ class Trainer:
                     self.save()
                     break
                 step_start = time.perf_counter()
+                # What the state was at this step boundary: a Ctrl-C inside the step (after the
+                # loader and the RNG have moved on) saves this, so resume redoes the whole step.
+                boundary = (copy.deepcopy(self.task.state_dict()), rng_state())
                 lr = lr_at(
                     self.step,
                     cfg.lr,
@@ -489,10 +494,12 @@ class Trainer:
                     grad_norm = float(norm)
                     if not math.isfinite(grad_norm):
                         self._diverged(f"gradient norm became {grad_norm}")
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.tokens += step_tokens
+                with stop.held():  # the update and the step counter move together
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    self.tokens += step_tokens
+                    boundary = None
                 train_time += time.perf_counter() - step_start
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     record = self._train_record(
@@ -523,6 +530,10 @@ class Trainer:
                 log.warning(
                     "interrupted at step %d: saving a checkpoint before stopping", self.step
                 )
+                if boundary is not None:  # mid-step: back to the step's start, gradients dropped
+                    self.task.load_state_dict(boundary[0])
+                    set_rng_state(boundary[1])
+                    self.optimizer.zero_grad(set_to_none=True)
                 self.save()
             raise
         finally:
