@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import logging
+import math
 import queue
 import threading
 from collections import deque
@@ -58,6 +59,14 @@ class SamplingParams:
         """Raise `InputError` naming the first setting out of range."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
         if self.temperature < 0:
             raise InputError(f"temperature must be ≥ 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
@@ -178,7 +187,8 @@ class _Sequence:
         self.generator: torch.Generator | None = None
         if self.params.seed is not None and self.params.temperature > 0:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.params.seed + index)
+            # n samples get seeds seed, seed+1, ...: wrapped into the 64 bits a generator takes.
+            self.generator.manual_seed((self.params.seed + index) % 2**64)
         self.seen: torch.Tensor | None = None
         if self.params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -402,17 +412,20 @@ class Engine:
                     break
             try:
                 self.step()
-            except Exception as exc:  # keep serving others: fail only the requests in flight
+            except Exception as exc:
+                # A failure no single request caused (the batched forward itself): the rows in
+                # flight are lost, waiting requests are not. Per-request failures never get here.
                 log.exception("engine step failed")
-                self._fail_all(exc)
+                self._fail_all(exc, pending=False)
         self._fail_all(RuntimeError("the engine stopped"))
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException, pending: bool = True) -> None:
         with self._step_lock:
             requests = {s.request.id: s.request for s in self._active}
-            with self._cond:
-                requests.update({r.id: r for r in self._pending})
-                self._pending.clear()
+            if pending:
+                with self._cond:
+                    requests.update({r.id: r for r in self._pending})
+                    self._pending.clear()
             self._active, self._cache, self._last = [], None, None
         for request in requests.values():
             request._fail(exc)
@@ -474,7 +487,8 @@ class Engine:
                 attn_mask=cache.decode_mask(),
             )[:, -1]
         tokens = self._sample(logits, self._active)
-        self._last = torch.tensor(tokens, device=self.device)
+        # A failed row's placeholder: the row leaves the batch just below.
+        self._last = torch.tensor([0 if t is None else t for t in tokens], device=self.device)
         keep = [
             i
             for i, (seq, t) in enumerate(zip(self._active, tokens, strict=True))
@@ -501,10 +515,17 @@ class Engine:
             return
         try:
             self._prefill(new)
-        except Exception as exc:
+        except Exception:
+            if len(new) == 1:
+                raise
+            # Which prompt broke the batch? Each alone: only the one that fails again fails.
+            log.warning("prefill of %d prompts failed; retrying them one at a time", len(new))
             for request in new:
-                request._fail(exc)
-            raise
+                try:
+                    self._prefill([request])
+                except Exception as exc:
+                    log.exception("request %d: prefill failed", request.id)
+                    request._fail(exc)
 
     def _prefill(self, requests: list[Request]) -> None:
         # Right-padded: every row starts at position 0, so causal attention is all it needs.
@@ -554,20 +575,28 @@ class Engine:
             self._last = torch.cat([self._last, last_tokens])
         self._active.extend(seqs[i] for i in keep)
 
-    def _sample(self, logits: torch.Tensor, seqs: Sequence[_Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, seqs: Sequence[_Sequence]) -> list[int | None]:
+        """One token per row; a row whose sampling raises fails its own request (None)."""
         if all(s.greedy_plain for s in seqs):
             return torch.argmax(logits, dim=-1).tolist()
-        out = []
+        out: list[int | None] = []
         for row, seq in enumerate(seqs):
             p = seq.params
-            scores = logits[row : row + 1]
-            if seq.seen is not None:
-                scores = apply_repetition_penalty(scores, seq.seen[None], p.repetition_penalty)
-            out.append(sample_next(scores, p.temperature, p.top_k, p.top_p, seq.generator))
-        return torch.cat(out).tolist()
+            try:
+                scores = logits[row : row + 1]
+                if seq.seen is not None:
+                    scores = apply_repetition_penalty(scores, seq.seen[None], p.repetition_penalty)
+                out.append(int(sample_next(scores, p.temperature, p.top_k, p.top_p, seq.generator)))
+            except Exception as exc:
+                log.exception("request %d: sampling failed", seq.request.id)
+                seq.request._fail(exc)
+                out.append(None)
+        return out
 
-    def _accept(self, seq: _Sequence, token: int) -> bool:
+    def _accept(self, seq: _Sequence, token: int | None) -> bool:
         """Give `token` to its sequence; False when the sequence is done."""
+        if token is None or seq.request.error is not None:
+            return False  # its request failed (this row or a sibling sample)
         if seq.request.cancelled:
             seq.cancel()
             self.cancelled += 1

@@ -42,7 +42,10 @@ def apply_repetition_penalty(
         return logits
     logits = logits.float()
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    # An extreme penalty (1e-40) would overflow to ±inf and turn the softmax into NaN: keep the
+    # scores finite, which keeps their order, the only thing such a penalty can mean.
+    big = torch.finfo(torch.float32).max
+    return torch.where(seen, penalised.clamp(-big, big), logits)
 
 
 def sample_next(
@@ -61,6 +64,9 @@ def sample_next(
         raise InputError(f"top_k must be ≥ 0, got {top_k}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # Shift the best score to 0 before dividing: a tiny temperature (1e-40) then sends every
+    # other score to -inf instead of overflowing to inf - inf = NaN. Softmax ignores the shift.
+    logits = logits.float()
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
