@@ -2,14 +2,17 @@
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both stream as
 server-sent events with `stream: true`, ending with `data: [DONE]`), `GET /health`, and `GET /`,
-a self-contained chat page. Requests are batched by the engine's background thread; a streaming
-client that disconnects cancels its request, which frees its rows at the next step. Errors use
-OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+a self-contained chat page. Requests are batched by the engine's background thread; a client
+that disconnects (streaming or not) cancels its request, which frees its rows at the next step.
+Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}, for every status,
+500 included. What one request may ask is bounded (`serve/guards.py`); prompts are tokenized off
+the event loop, so a large one never stalls other clients or `/health`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import secrets
@@ -26,8 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from scratchllm.errors import InputError
 from scratchllm.inference.chat import chat_prompt
 from scratchllm.inference.engine import Completion, Engine, Event, SamplingParams
+from scratchllm.serve.guards import RequestGuard, ServerLimits, allowed_hosts
 from scratchllm.serve.schemas import (
     DEFAULT_CHAT_MAX_TOKENS,
+    ERROR_RESPONSES,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -40,10 +45,19 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    engine: Engine, model_name: str = "scratchllm", api_key: str | None = None
+    engine: Engine,
+    model_name: str = "scratchllm",
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    hosts: frozenset[str] | None = allowed_hosts("127.0.0.1"),
 ) -> FastAPI:
-    """The ASGI app. Starts the engine's background thread on startup and stops it on shutdown."""
+    """The ASGI app. Starts the engine's background thread on startup and stops it on shutdown.
+
+    `hosts`: the Host header names it answers to (None: any; the default: loopback names)."""
     from contextlib import asynccontextmanager
+
+    limits = limits or ServerLimits()
+    limits.validate()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,6 +70,7 @@ def create_app(
                 engine.stop()
 
     app = FastAPI(title="scratchllm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, hosts=hosts)
     created = int(time.time())
     context = engine.context_length
 
@@ -85,9 +100,17 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        code = "request_too_large" if exc.status_code == 413 else None
         return JSONResponse(
-            error_body(str(exc.detail), kind, None, None), status_code=exc.status_code
+            error_body(str(exc.detail), kind, None, code), status_code=exc.status_code
         )
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Whatever slipped past validation still gets OpenAI's body, never a plain-text page.
+        log.exception("request failed: %s %s", request.method, request.url.path)
+        message = f"internal error: {type(exc).__name__}"
+        return JSONResponse(error_body(message, "server_error", None, None), status_code=500)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -133,16 +156,19 @@ def create_app(
         )
         return params
 
+    def engine_error(exc: InputError) -> APIError:
+        message = str(exc)
+        param = "max_tokens" if "max_tokens" in message else None
+        code = "context_length_exceeded" if "context length" in message else None
+        return APIError(400, message, param, code)
+
     def submit(ids: list[int], params: SamplingParams, on_event=None):
         try:
             return engine.submit(ids, params, on_event)
         except InputError as exc:
-            message = str(exc)
-            param = "max_tokens" if "max_tokens" in message else None
-            code = "context_length_exceeded" if "context length" in message else None
-            raise APIError(400, message, param, code) from None
+            raise engine_error(exc) from None
 
-    async def run(ids: list[int], params: SamplingParams) -> list[Completion]:
+    async def run(ids: list[int], params: SamplingParams, client: Request) -> list[Completion]:
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
 
@@ -151,10 +177,23 @@ def create_app(
                 loop.call_soon_threadsafe(done.set)
 
         request = submit(ids, params, on_event)
+
+        async def watch() -> None:
+            # The body is read: the next message is the client hanging up (as StreamingResponse
+            # listens). A client gone mid-generation frees its rows at the next step.
+            while (await client.receive())["type"] != "http.disconnect":
+                pass
+            request.cancel()
+            loop.call_soon(done.set)
+
+        watcher = asyncio.create_task(watch())
         try:
             await done.wait()
         finally:
+            watcher.cancel()
             request.cancel()
+        if request.cancelled and request.error is None and not all(request.completions):
+            raise APIError(499, "client disconnected before the answer was ready")
         if request.error is not None:
             raise APIError(500, f"generation failed: {request.error}", None, None, "server_error")
         return [c for c in request.completions if c is not None]
@@ -213,12 +252,23 @@ def create_app(
         check_model(name)
         return {"id": model_name, "object": "model", "created": created, "owned_by": "scratchllm"}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or (len(prompts) > 1 and body.stream):
-            raise APIError(400, "prompt: give one prompt (a list only without stream)", "prompt")
+    def check_tokens(encoded: list[list[int]], params: list[SamplingParams]) -> None:
+        for ids, p in zip(encoded, params, strict=True):
+            try:
+                engine.check(ids, p)  # each prompt on its own first: the context is the limit
+            except InputError as exc:
+                raise engine_error(exc) from None
+        total = sum(p.n * (len(ids) + p.max_tokens) for ids, p in zip(encoded, params, strict=True))
+        if total > limits.max_request_tokens:
+            raise APIError(
+                400,
+                f"request asks for {total:,} tokens (n × (prompt + max_tokens), summed over "
+                f"prompts); this server allows {limits.max_request_tokens:,} per request",
+                "max_tokens",
+                "request_too_large",
+            )
+
+    def encode_all(prompts: list[str]) -> list[list[int]]:
         encoded = []
         for text in prompts:
             try:
@@ -228,11 +278,30 @@ def create_app(
             if not ids:
                 raise APIError(400, "prompt: empty prompt; give some text", "prompt")
             encoded.append(ids)
+        return encoded
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, client: Request):
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or (len(prompts) > 1 and body.stream):
+            raise APIError(400, "prompt: give one prompt (a list only without stream)", "prompt")
+        if len(prompts) > limits.max_prompts:
+            raise APIError(
+                400,
+                f"prompt: {len(prompts):,} prompts in one request; this server allows "
+                f"{limits.max_prompts}",
+                "prompt",
+                "too_many_prompts",
+            )
+        encoded = await asyncio.to_thread(encode_all, prompts)
         rid = f"cmpl-{secrets.token_hex(12)}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time())}
         head["model"] = model_name
+        params_list = [sampling(body, len(ids), 16) for ids in encoded]
+        check_tokens(encoded, params_list)
         if body.stream:
-            params = sampling(body, len(encoded[0]), 16)
+            params = params_list[0]
             stream = await events(encoded[0], params)
             echo = prompts[0] if body.echo else ""
 
@@ -249,9 +318,8 @@ def create_app(
 
             return StreamingResponse(body_iter(), media_type="text/event-stream")
         choices, total_usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        params_list = [sampling(body, len(ids), 16) for ids in encoded]
         results = await asyncio.gather(
-            *(run(ids, p) for ids, p in zip(encoded, params_list, strict=True))
+            *(run(ids, p, client) for ids, p in zip(encoded, params_list, strict=True))
         )
         for i, (text, ids, done) in enumerate(zip(prompts, encoded, results, strict=True)):
             for c in done:
@@ -267,18 +335,21 @@ def create_app(
                 total_usage[k] += v
         return {**head, "choices": choices, "usage": total_usage}
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    def encode_chat(messages: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
+        try:
+            return chat_prompt(engine.tokenizer, messages)
+        except InputError as exc:
+            raise APIError(400, str(exc), "messages") from None
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat(body: ChatRequest, client: Request):
         check_model(body.model)
         if not body.messages:
             raise APIError(400, "messages: give at least one message", "messages")
-        try:
-            ids, template_stops = chat_prompt(
-                engine.tokenizer, [m.model_dump() for m in body.messages]
-            )
-        except InputError as exc:
-            raise APIError(400, str(exc), "messages") from None
+        messages = [m.model_dump() for m in body.messages]
+        ids, template_stops = await asyncio.to_thread(encode_chat, messages)
         params = sampling(body, len(ids), None)
+        check_tokens([ids], [params])
         params.stop = (*params.stop, *template_stops)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         head = {"id": rid, "object": "chat.completion", "created": int(time.time())}
@@ -311,7 +382,7 @@ def create_app(
                 yield sse("[DONE]")
 
             return StreamingResponse(body_iter(), media_type="text/event-stream")
-        done = await run(ids, params)
+        done = await run(ids, params, client)
         choices = [
             {
                 "index": c.index,
@@ -326,6 +397,22 @@ def create_app(
     return app
 
 
+def bind(host: str, port: int):
+    """A listening-ready socket on host:port; `InputError` naming them when it cannot be had."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"failed: {exc.strerror}"
+        raise InputError(f"--host {host} --port {port}: binding the address {reason}") from None
+    return sock
+
+
 def serve(
     engine: Engine,
     host: str = "127.0.0.1",
@@ -333,12 +420,19 @@ def serve(
     model_name: str = "scratchllm",
     api_key: str | None = None,
     log_level: str = "warning",
+    limits: ServerLimits | None = None,
+    extra_hosts: tuple[str, ...] = (),
 ) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
-    app = create_app(engine, model_name, api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    sock = bind(host, port)
+    app = create_app(engine, model_name, api_key, limits, allowed_hosts(host, extra_hosts))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class ServerThread:
@@ -354,20 +448,17 @@ class ServerThread:
         port: int = 0,
         model_name: str = "scratchllm",
         api_key: str | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
-        import socket
         import threading
 
         import uvicorn
 
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
+        self.socket = bind(host, port)
         self.host, self.port = self.socket.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(
-            create_app(engine, model_name, api_key), log_level="warning", timeout_keep_alive=30
-        )
+        app = create_app(engine, model_name, api_key, limits, allowed_hosts(host))
+        config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=30)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True

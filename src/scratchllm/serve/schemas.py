@@ -1,10 +1,15 @@
-"""Request bodies of the OpenAI-compatible API and its error format."""
+"""Request bodies of the OpenAI-compatible API and its error format.
+
+Every sampling field is checked here, at the boundary: numbers finite and in range, seeds within
+the 64 bits a generator takes, text valid Unicode (a lone surrogate such as "\\ud800" is legal
+JSON but no UTF-8 text). A body that passes cannot make the engine fail.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 DEFAULT_CHAT_MAX_TOKENS = 512
 
@@ -34,34 +39,70 @@ def error_body(message: str, type_: str, param: str | None, code: str | None) ->
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, as every 4xx/5xx answer of this server carries it."""
+
+    error: ErrorDetail
+
+
+# What the generation routes may answer besides 200 (listed in the OpenAPI schema).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a field out of range, bad JSON, over a limit"},
+    401: {"model": ErrorBody, "description": "missing or wrong API key"},
+    404: {"model": ErrorBody, "description": "unknown model"},
+    413: {"model": ErrorBody, "description": "request body larger than the server allows"},
+}
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise ValueError(f"contains a lone surrogate \\u{ord(bad):04x}, not Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class _Sampling(BaseModel):
     """Settings shared by both generation routes; unknown fields are ignored as OpenAI does."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    # CTRL's penalty divides or multiplies scores: beyond 1e±4 it only reorders what it already
+    # has, so a wider range serves nobody.
+    repetition_penalty: float = Field(1.0, ge=1e-4, le=1e4, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream_options: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = 16
     echo: bool = False
 
 
 class ChatMessage(BaseModel):
-    role: str
-    content: str
+    role: Text
+    content: Text
 
 
 class ChatRequest(_Sampling):
