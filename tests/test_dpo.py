@@ -9,8 +9,15 @@ import torch
 from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
 from scratchllm.checkpoint import save_checkpoint
 from scratchllm.cli import main
-from scratchllm.data.instruction import load_records
-from scratchllm.finetune.preference import Pair, collate_pairs, dpo_loss, sequence_logprobs
+from scratchllm.data.instruction import format_prompt, load_records
+from scratchllm.finetune.preference import (
+    DPOTask,
+    Pair,
+    collate_pairs,
+    dpo_loss,
+    encode_pairs,
+    sequence_logprobs,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,6 +55,28 @@ def test_collate_pairs_masks_prompt_and_padding():
     assert b["chosen_mask"].int().tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]
     assert b["rejected"].tolist() == [[1, 2, 5, 9, 9], [1, 7, 8, 8, 9]]
     assert b["rejected_mask"].int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
+
+
+def test_a_cut_prompt_keeps_its_response_header_next_to_the_responses():
+    tok = ByteTokenizer()
+    record = {"instruction": "word " * 60, "input": "", "chosen": "Yes.", "rejected": "No."}
+    pairs, cut = encode_pairs([record], tok, "alpaca", max_length=64)
+    p = pairs[0]
+    assert cut == 1 and len(p.prompt) == 32  # the response budget: half the limit, as before
+    # The end of the prompt is kept (cut from the left): the header, then the responses.
+    assert tok.decode(p.prompt).endswith("word word \n\n### Response:\n")
+    assert p.chosen == [*tok.encode_ordinary("Yes."), tok.eot_id]
+    assert p.rejected == [*tok.encode_ordinary("No."), tok.eot_id]
+    short = {**record, "instruction": "Say yes."}
+    [whole], cut = encode_pairs([short], tok, "alpaca", max_length=256)
+    assert cut == 0 and tok.decode(whole.prompt) == format_prompt(short, "alpaca")
+
+
+def test_dpo_tokens_in_counts_the_non_padding_inputs_of_both_responses():
+    pairs = [Pair([1, 2], [3, 4, 9], [5, 9]), Pair([1], [6, 9], [7, 8, 8, 9])]
+    task = DPOTask({"train": pairs}, torch.nn.Linear(1, 1), pad_id=9, batch_size=2)
+    # prompt + chosen: 5 and 3; prompt + rejected: 4 and 5. Padded, the batch holds 2 × 5 + 2 × 5.
+    assert task.tokens_in(task.next_batch()) == 5 + 3 + 4 + 5
 
 
 def test_preference_data_needs_chosen_and_rejected(tmp_path, data_dir):

@@ -19,7 +19,9 @@ from scratchllm.data.classification import (
 )
 from scratchllm.finetune import select_trainable
 from scratchllm.finetune.classify import (
+    ClassificationTask,
     Classifier,
+    Split,
     classify_logits,
     confusion_matrix,
     pool_last,
@@ -116,6 +118,13 @@ def test_train_selection_freezes_the_rest():
         select_trainable(model, "middle")
     with pytest.raises(InputError, match="1..3"):
         select_trainable(model, "last-7")
+
+
+def test_classification_tokens_in_counts_the_non_padding_inputs():
+    split = Split([[1, 2, 3], [4], [5, 6]], [0, 1, 0])
+    task = ClassificationTask({"train": split}, pad_id=256, batch_size=3)
+    batch = task.next_batch()
+    assert batch[0].shape == (3, 3) and task.tokens_in(batch) == 3 + 1 + 2  # not the 9 padded
 
 
 def test_confusion_matrix_rows_are_true_classes():

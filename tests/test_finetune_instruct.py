@@ -12,13 +12,16 @@ from scratchllm import ByteTokenizer, GPTModel, InputError, ModelConfig
 from scratchllm.checkpoint import save_checkpoint
 from scratchllm.cli import main
 from scratchllm.data.instruction import (
+    IGNORE_INDEX,
     Example,
     collate_instructions,
     encode_examples,
     format_prompt,
     load_records,
 )
+from scratchllm.finetune.instruct import InstructionTask
 from scratchllm.finetune.judge import JudgeClient, parse_score, score_responses
+from scratchllm.inference.chat import ALPACA_STOPS, chat_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,6 +67,76 @@ def test_encoding_counts_truncation_and_drops_examples_without_response():
     assert counts == {"truncated": 1, "dropped": 0} and len(examples[0].ids) == 60
     examples, counts = encode_examples([long, short], tok, "phi3", 30, mask_prompt=True)
     assert counts == {"truncated": 1, "dropped": 1} and len(examples) == 1
+
+
+def test_a_cut_example_ends_on_a_response_token_and_a_whole_one_on_end_of_text():
+    tok = ByteTokenizer()
+    long = {"instruction": "q", "input": "", "output": "y" * 40 + "z"}
+    short = {"instruction": "q", "input": "", "output": "a"}
+    full = tok.encode_ordinary(format_prompt(long, "phi3") + long["output"])
+    limit = len(full) - 5  # the cut falls inside the response
+    examples, counts = encode_examples([long, short], tok, "phi3", limit)
+    assert counts == {"truncated": 1, "dropped": 0}
+    x, y = collate_instructions(examples, tok.eot_id)
+    # As the book's collate: append end-of-text, then cut. Inputs are the first `limit` tokens,
+    # targets the next `limit`, so the last target is a response token, not an end-of-text.
+    assert x[0].tolist() == full[:limit]
+    assert y[0].tolist() == full[1 : limit + 1]
+    assert tok.eot_id not in y[0].tolist()
+    real = [t for t in y[1].tolist() if t != IGNORE_INDEX]
+    assert real[-1] == tok.eot_id and real.count(tok.eot_id) == 1  # whole: learns to stop
+    # --mask-prompt: a prompt of exactly `limit` tokens still predicts its first response token.
+    prompt_len = len(tok.encode_ordinary(format_prompt(long, "phi3")))
+    examples, counts = encode_examples([long], tok, "phi3", prompt_len, mask_prompt=True)
+    _, y = collate_instructions(examples, tok.eot_id, mask_prompt=True)
+    assert counts["dropped"] == 0 and [t for t in y[0].tolist() if t != IGNORE_INDEX] == [ord("y")]
+
+
+def test_instruction_tokens_in_counts_the_non_padding_inputs():
+    batch = [Example([1, 2, 3, 4, 5], prompt_len=3), Example([6, 7], prompt_len=1)]
+    task = InstructionTask({"train": batch}, pad_id=50256, batch_size=2, mask_prompt=True)
+    # 5 + 2 real inputs; the 3 padding inputs of row 2 are not counted, nor is the prompt
+    # masking (it changes the targets, not what the model reads).
+    assert task.tokens_in(task.next_batch()) == 7
+
+
+def test_the_shuffled_task_reshuffles_each_epoch_and_resumes_exactly():
+    examples = [Example([i + 1, i + 2], prompt_len=1) for i in range(10)]
+
+    def make():
+        return InstructionTask({"train": examples}, pad_id=0, batch_size=4, seed=3)
+
+    def firsts(batch):
+        return batch[0][:, 0].tolist()  # example i starts with token i + 1
+
+    task = make()
+    assert task.steps_per_epoch() == 3
+    epoch0 = [firsts(task.next_batch()) for _ in range(3)]
+    assert [len(b) for b in epoch0] == [4, 4, 2]
+    assert sorted(sum(epoch0, [])) == list(range(1, 11))  # every example once
+    state = task.state_dict()
+    rest = [firsts(task.next_batch()) for _ in range(4)]
+    assert sorted(sum(rest[:3], [])) == list(range(1, 11)) and rest[:3] != epoch0
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert [firsts(resumed.next_batch()) for _ in range(4)] == rest
+    with pytest.raises(InputError, match="instruction data: the training split is empty"):
+        InstructionTask({"train": []}, pad_id=0, batch_size=4)
+
+
+def test_chat_prompt_for_one_user_message_is_the_training_prompt():
+    # A chat user message is an instruction with no input: its prompt must be exactly the
+    # prompt part of a training example, or the tuned model is served a format it never saw.
+    tok = ByteTokenizer()
+    record = {"instruction": ENTRY["instruction"], "input": "", "output": ENTRY["output"]}
+    [example], _ = encode_examples([record], tok, "alpaca", max_length=512)
+    ids, stops = chat_prompt(tok, [{"role": "user", "content": record["instruction"]}])
+    assert ids == example.ids[: example.prompt_len]
+    assert stops == ALPACA_STOPS and "\n\n### Input:" in stops
+    # A system message replaces the preamble and nothing else.
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = tok.decode(chat_prompt(tok, system)[0])
+    assert text == "Be brief." + format_prompt({"instruction": "Hi"}).split("request.", 1)[1]
 
 
 @pytest.mark.parametrize(

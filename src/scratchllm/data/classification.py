@@ -37,15 +37,20 @@ class LabeledTexts:
         )
 
 
-def load_labeled(path: str | Path) -> LabeledTexts:
-    """Read labelled texts; raise `InputError` naming the file and line of the first bad record."""
+def read_data_file(path: str | Path) -> tuple[Path, str]:
+    """The path and text of a fine-tuning --data file; `InputError` if missing or not UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--data {path}: no such file")
     try:
-        raw = path.read_text(encoding="utf-8")
+        return path, path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"--data {path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def load_labeled(path: str | Path) -> LabeledTexts:
+    """Read labelled texts; raise `InputError` naming the file and line of the first bad record."""
+    path, raw = read_data_file(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         texts, labels = _read_jsonl(raw, path)

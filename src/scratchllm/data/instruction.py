@@ -5,37 +5,64 @@ records add "chosen" and "rejected". Files are a JSON list or JSONL (one object 
 
 The collate appends one end-of-text token to every example, pads the batch to its longest example,
 and sets the targets of padding to -100 (ignored by the loss) except the first end-of-text, which
-the model must learn to emit. With `mask_prompt`, the targets of the prompt are -100 too.
+the model must learn to emit. With `mask_prompt`, the targets of the prompt are -100 too. An
+example longer than the limit is cut after that end-of-text is appended, as the book's collate
+does: it ends on a response token, and the model is not taught to stop wherever a cut fell.
+
+The Alpaca format is kept here once, for training and for chat (`inference/chat.py`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from scratchllm.data.classification import read_data_file, split_indices
 from scratchllm.errors import InputError
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 TEMPLATES = ("alpaca", "phi3")
 
+# The book's instruction format (ch. 7, Alpaca): a preamble, then sections under these headers.
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+ALPACA_HEADERS = {
+    "instruction": "### Instruction:",
+    "input": "### Input:",
+    "response": "### Response:",
+}
+# Where a generated response ends: the model starting a section of its own.
+ALPACA_STOPS = tuple(f"\n\n{header}" for header in ALPACA_HEADERS.values())
+
+
+def alpaca_text(sections: Iterable[tuple[str, str]], preamble: str = ALPACA_PREAMBLE) -> str:
+    """The preamble, each (kind, text) section under its header (kind: instruction, input or
+    response), and an open `### Response:` for the model to fill."""
+    text = preamble
+    for kind, body in sections:
+        text += f"\n\n{ALPACA_HEADERS[kind]}\n{body}"
+    return text + f"\n\n{ALPACA_HEADERS['response']}\n"
+
+
+def check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise InputError(f"--template {template!r}: expected one of {', '.join(TEMPLATES)}")
+
 
 def load_records(
     path: str | Path, required: tuple[str, ...] = ("instruction", "output")
 ) -> list[dict[str, str]]:
     """Read a JSON list or JSONL of records; errors name the file and record (or line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--data {path}: no such file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"--data {path}: not UTF-8 text (byte {exc.start})") from None
+    path, raw = read_data_file(path)
     stripped = raw.lstrip()
     records: list[tuple[str, Any]] = []
     if stripped.startswith("["):
@@ -80,27 +107,25 @@ def load_records(
 
 def format_prompt(entry: dict[str, str], template: str = "alpaca") -> str:
     """The prompt up to and including the response header; the response follows directly."""
+    check_template(template)
     if template == "alpaca":
-        text = (
-            "Below is an instruction that describes a task. "
-            "Write a response that appropriately completes the request."
-            f"\n\n### Instruction:\n{entry['instruction']}"
-        )
+        sections = [("instruction", entry["instruction"])]
         if entry.get("input"):
-            text += f"\n\n### Input:\n{entry['input']}"
-        return text + "\n\n### Response:\n"
-    if template == "phi3":
-        text = f"<|user|>\n{entry['instruction']}"
-        if entry.get("input"):
-            text += f"\n{entry['input']}"
-        return text + "\n<|assistant|>:\n"
-    raise InputError(f"--template {template!r}: expected one of {', '.join(TEMPLATES)}")
+            sections.append(("input", entry["input"]))
+        return alpaca_text(sections)
+    text = f"<|user|>\n{entry['instruction']}"  # phi3
+    if entry.get("input"):
+        text += f"\n{entry['input']}"
+    return text + "\n<|assistant|>:\n"
 
 
 @dataclass
 class Example:
-    ids: list[int]  # prompt + response (no end-of-text yet)
+    ids: list[int]  # the inputs: prompt + response, no end-of-text (the collate appends it)
     prompt_len: int
+    # A cut example's last target: the first token cut away, a response token. None: the example
+    # is whole, and its last target is the end-of-text the collate appends.
+    cut_target: int | None = None
 
 
 def encode_examples(
@@ -111,19 +136,23 @@ def encode_examples(
     mask_prompt: bool = False,
     response_key: str = "output",
 ) -> tuple[list[Example], dict[str, int]]:
-    """Tokenize prompt + response; cut examples longer than `max_length` (+1 end-of-text) and
-    drop those whose response would be cut away entirely. Returns examples and counts."""
+    """Tokenize prompt + response; cut examples longer than `max_length` and, with
+    `mask_prompt`, drop those with no response token left to predict. Returns examples and counts.
+
+    A cut keeps the first `max_length` tokens as inputs and the next one as the last target, as
+    the book's collate does (append end-of-text, then cut): no end-of-text at the cut."""
     examples, cut, dropped = [], 0, 0
     for record in records:
         prompt = tokenizer.encode_ordinary(format_prompt(record, template))
         ids = prompt + tokenizer.encode_ordinary(record[response_key])
+        cut_target = None
         if len(ids) > max_length:
-            ids = ids[:max_length]
+            ids, cut_target = ids[:max_length], ids[max_length]
             cut += 1
-            if mask_prompt and len(prompt) >= max_length:
-                dropped += 1  # nothing left to learn from
+            if mask_prompt and len(prompt) > max_length:
+                dropped += 1  # every target predicts a prompt token: nothing left to learn from
                 continue
-        examples.append(Example(ids, len(prompt)))
+        examples.append(Example(ids, len(prompt), cut_target))
     if cut:
         log.warning(
             "%d of %d examples were longer than %d tokens and were cut (%d dropped: no response "
@@ -145,15 +174,16 @@ def collate_instructions(
     allowed_max_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (B, T): targets are inputs shifted by one; padding after the first
-    end-of-text is -100; with `mask_prompt`, so are the targets that predict prompt tokens."""
-    seqs = [e.ids + [pad_id] for e in batch]
+    end-of-text is -100; with `mask_prompt`, so are the targets that predict prompt tokens.
+    `pad_id` is the end-of-text id: a whole example's last target is the first padding."""
+    seqs = [e.ids + [pad_id if e.cut_target is None else e.cut_target] for e in batch]
     width = max(len(s) for s in seqs) - 1
     inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
     targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     for i, (e, s) in enumerate(zip(batch, seqs, strict=True)):
         n = len(s) - 1
         inputs[i, :n] = torch.tensor(s[:-1])
-        targets[i, :n] = torch.tensor(s[1:])  # ends with the one end-of-text kept
+        targets[i, :n] = torch.tensor(s[1:])  # ends with the one end-of-text kept, or the cut
         if mask_prompt:
             targets[i, : max(e.prompt_len - 1, 0)] = IGNORE_INDEX
     if allowed_max_length is not None:
@@ -163,7 +193,5 @@ def collate_instructions(
 
 def split_records(records: list[Any], fractions: tuple[float, ...], seed: int) -> list[list[Any]]:
     """Seeded shuffle, then cut by `fractions` (train, val, test)."""
-    from scratchllm.data.classification import split_indices
-
     parts = split_indices(len(records), fractions, seed, "instruction data")
     return [[records[i] for i in part] for part in parts]

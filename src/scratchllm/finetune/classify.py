@@ -8,7 +8,6 @@ token (`pool_last`), which a causal model computes without ever seeing the paddi
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,9 @@ from scratchllm.data.classification import (
     split_indices,
 )
 from scratchllm.errors import InputError
-from scratchllm.finetune import (
-    FinetuneOptions,
-    epoch_history,
-    plot_eval_metrics,
-    prepare_model,
-    run_trainer,
-    save_final,
-    set_dropout,
-    write_results,
-)
+from scratchllm.finetune import FinetuneOptions, plot_eval_metrics
+from scratchllm.finetune.runner import FinetuneRun
+from scratchllm.finetune.tasks import ShuffledTask
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +77,10 @@ def length_bucketed_batches(
     return batches
 
 
-class ClassificationTask:
+ClassBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids, lengths, labels
+
+
+class ClassificationTask(ShuffledTask[Split, ClassBatch]):
     """Trainer task: cross-entropy of the class logits; evaluation reports loss and accuracy."""
 
     def __init__(
@@ -100,47 +95,25 @@ class ClassificationTask:
         # Length buckets save padding, but length often tracks the class (spam is long), so
         # bucketed batches lean to one class; plain shuffled batches are the default.
         self.bucket = bucket
-        self.splits = splits
-        self.train = splits["train"]
         self.pad_id = pad_id
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._batches = self._epoch_batches()
+        super().__init__(splits, batch_size, device, seed, "classification data")
 
-    def _epoch_batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+    def epoch_batches(self, rng: random.Random) -> list[list[int]]:
         if self.bucket:
             return length_bucketed_batches([len(s) for s in self.train.ids], self.batch_size, rng)
-        order = list(range(len(self.train)))
-        rng.shuffle(order)
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return super().epoch_batches(rng)
 
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.train) / self.batch_size)
-
-    def _collate(self, split: Split, indices: list[int]):
+    def collate(self, split: Split, indices: list[int]) -> ClassBatch:
         x, lengths = pad_right([split.ids[i] for i in indices], self.pad_id)
         y = torch.tensor([split.labels[i] for i in indices], dtype=torch.long)
         return x.to(self.device), lengths.to(self.device), y.to(self.device)
 
-    def next_batch(self):
-        if self.position >= len(self._batches):
-            self.epoch += 1
-            self.position = 0
-            self._batches = self._epoch_batches()
-        batch = self._batches[self.position]
-        self.position += 1
-        return self._collate(self.train, batch)
-
-    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: ClassBatch) -> torch.Tensor:
         x, lengths, y = batch
         return F.cross_entropy(classify_logits(model, x, lengths).float(), y)
 
-    def tokens_in(self, batch) -> int:
-        return int(batch[1].sum())
+    def tokens_in(self, batch: ClassBatch) -> int:
+        return int(batch[1].sum())  # the texts' own lengths: padding excluded
 
     @torch.no_grad()
     def run_split(
@@ -149,13 +122,12 @@ class ClassificationTask:
         """Mean loss, accuracy and predictions over a split (its first `max_batches` batches,
         in a fixed order, as the book evaluates)."""
         split = self.splits[name]
-        n = len(split) if max_batches is None else min(len(split), max_batches * self.batch_size)
-        order = sorted(range(n), key=lambda i: len(split.ids[i]))  # fixed, little padding
+        batches = self.eval_batches(name, max_batches, key=lambda i: len(split.ids[i]))
+        n = sum(map(len, batches))
         preds = [0] * n
         total, correct = 0.0, 0
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            x, lengths, y = self._collate(split, idx)
+        for idx in batches:  # sorted by length: little padding
+            x, lengths, y = self.collate(split, idx)
             logits = classify_logits(model, x, lengths).float()
             total += float(F.cross_entropy(logits, y, reduction="sum"))
             p = logits.argmax(-1)
@@ -171,16 +143,6 @@ class ClassificationTask:
                 loss, acc, _ = self.run_split(model, name, max_batches)
                 out[f"{name}_loss"], out[f"{name}_accuracy"] = loss, acc
         return out
-
-    def sample(self, model, max_new_tokens: int) -> str | None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._batches = self._epoch_batches()
 
 
 def confusion_matrix(true: list[int], pred: list[int], num_classes: int) -> list[list[int]]:
@@ -242,62 +204,60 @@ def prepare_splits(
     return splits, labels, info
 
 
+class ClassifyRun(FinetuneRun):
+    """`scratchllm finetune classify`: the vocabulary head becomes a `num_classes` head."""
+
+    kind = "classify"
+    default_train = "last-1"  # the book's choice: the last block, the final norm and the head
+    head = ("out_head",)
+    opts: ClassifyOptions
+
+    def load_data(self) -> None:
+        self.data = load_labeled(self.opts.data)
+
+    def encode(self) -> dict[str, Any]:
+        self.splits, self.labels, info = prepare_splits(
+            self.data, self.opts, self.tokenizer, self.max_length
+        )
+        return {"labels": self.labels, **info}
+
+    def adapt(self, model: torch.nn.Module) -> None:
+        model.set_classification_head(len(self.labels))
+
+    def build_task(self) -> ClassificationTask:
+        self.task = ClassificationTask(
+            self.splits, self.tokenizer.eot_id, self.opts.batch_size, self.device, self.opts.seed
+        )
+        return self.task
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "num_classes": len(self.labels),
+            "labels": self.labels,
+            "max_length": self.max_length,
+            "append_eot": self.opts.append_eot,
+        }
+
+    def eval_every(self, steps_per_epoch: int) -> int:
+        return steps_per_epoch  # once per epoch, as the book
+
+    def finish(self, model, records, results, meta) -> None:
+        for name in ("train", "val", "test"):
+            loss, acc, preds = self.task.run_split(model, name)
+            results[f"{name}_loss"], results[f"{name}_accuracy"] = loss, acc
+            if name == "test":
+                truth = self.splits["test"].labels[: len(preds)]
+                cm = confusion_matrix(truth, preds, len(self.labels))
+                results["confusion_matrix"] = cm
+                plot_confusion(cm, self.labels, self.out / "confusion_matrix.png")
+        keys = ["train_accuracy", "val_accuracy", "test_accuracy"]
+        plot_eval_metrics(records, keys, self.out / "accuracy.png", "accuracy")
+        meta["eval"] = {k: results[k] for k in keys}
+
+
 def finetune_classify(opts: ClassifyOptions, callback=None) -> dict[str, Any]:
     """Fine-tune a checkpoint as a classifier; writes checkpoint/, metrics, plots, results.json."""
-    from scratchllm.checkpoint import load_checkpoint
-    from scratchllm.utils import pick_device, seed_everything
-
-    opts.validate()
-    out = Path(opts.out)
-    device = pick_device(opts.device)
-    data = load_labeled(opts.data)  # before the model: bad data fails fast
-    ckpt = load_checkpoint(opts.checkpoint)
-    model, tokenizer = ckpt.model, ckpt.tokenizer
-    context = model.config.context_length
-    max_length = min(opts.max_length or context, context)
-    splits, labels, info = prepare_splits(data, opts, tokenizer, max_length)
-    seed_everything(opts.seed)
-    model.set_classification_head(len(labels))
-    if opts.dropout is not None:
-        set_dropout(model, opts.dropout)
-    info.update(prepare_model(model, opts, "last-1", ("out_head",)))
-    task = ClassificationTask(splits, tokenizer.eot_id, opts.batch_size, device, opts.seed)
-    spe = task.steps_per_epoch()
-    meta = {
-        "task": "classify",
-        "num_classes": len(labels),
-        "labels": labels,
-        "max_length": max_length,
-        "append_eot": opts.append_eot,
-        "base_checkpoint": str(ckpt.path),
-        "title": f"classify {Path(opts.data).name}",
-    }
-    trainer, seconds = run_trainer(
-        model, task, opts, out, tokenizer, meta, info, callback, device, spe, 0
-    )
-    model = trainer.model
-    results: dict[str, Any] = {"task": "classify", "labels": labels, **info}
-    for name in ("train", "val", "test"):
-        loss, acc, preds = task.run_split(model, name)
-        results[f"{name}_loss"], results[f"{name}_accuracy"] = loss, acc
-        if name == "test":
-            cm = confusion_matrix(splits["test"].labels[: len(preds)], preds, len(labels))
-            results["confusion_matrix"] = cm
-            plot_confusion(cm, labels, out / "confusion_matrix.png")
-    records = trainer.metrics.read()
-    results["epochs"] = epoch_history(records, spe)
-    results["steps"] = trainer.step
-    results["train_seconds"] = seconds
-    plot_eval_metrics(
-        records,
-        ["train_accuracy", "val_accuracy", "test_accuracy"],
-        out / "accuracy.png",
-        "accuracy",
-    )
-    meta["eval"] = {k: results[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy")}
-    results["checkpoint"] = str(save_final(model, tokenizer, out, meta, opts.checkpoint))
-    write_results(out, results)
-    return results
+    return ClassifyRun(opts).run(callback)
 
 
 class Classifier:

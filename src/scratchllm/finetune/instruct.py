@@ -6,11 +6,10 @@ After training, the test split's responses are generated (greedy, stop at end-of
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,24 +17,18 @@ import torch.nn.functional as F
 
 from scratchllm.data.instruction import (
     IGNORE_INDEX,
-    TEMPLATES,
     Example,
+    check_template,
     collate_instructions,
     encode_examples,
     format_prompt,
     load_records,
     split_records,
 )
-from scratchllm.errors import InputError
-from scratchllm.finetune import (
-    FinetuneOptions,
-    epoch_history,
-    prepare_model,
-    run_trainer,
-    save_final,
-    set_dropout,
-    write_results,
-)
+from scratchllm.finetune import FinetuneOptions
+from scratchllm.finetune.runner import FinetuneRun
+from scratchllm.finetune.tasks import ShuffledTask
+from scratchllm.fs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +50,10 @@ def masked_lm_loss(
     )
 
 
-class InstructionTask:
+InstructBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, lengths
+
+
+class InstructionTask(ShuffledTask[list[Example], InstructBatch]):
     """Trainer task over encoded examples; evaluation: mean loss on train and val batches."""
 
     def __init__(
@@ -71,45 +67,23 @@ class InstructionTask:
         tokenizer=None,
         sample_prompt: str | None = None,
     ) -> None:
-        if not splits.get("train"):
-            raise InputError("instruction data: the training split is empty")
-        self.splits = splits
         self.pad_id = pad_id
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.seed = seed
         self.mask_prompt = mask_prompt
         self.tokenizer = tokenizer
         self.sample_prompt = sample_prompt
-        self.epoch = 0
-        self.position = 0
-        self._order = self._epoch_order()
+        super().__init__(splits, batch_size, device, seed, "instruction data")
 
-    def _epoch_order(self) -> list[int]:
-        order = list(range(len(self.splits["train"])))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.splits["train"]) / self.batch_size)
-
-    def collate(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, split: list[Example], indices: list[int]) -> InstructBatch:
+        examples = [split[i] for i in indices]
         x, y = collate_instructions(examples, self.pad_id, self.mask_prompt)
-        return x.to(self.device), y.to(self.device)
+        lengths = torch.tensor([len(e.ids) for e in examples])  # inputs before the padding
+        return x.to(self.device), y.to(self.device), lengths
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        idx = self._order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return self.collate([self.splits["train"][i] for i in idx])
+    def loss(self, model: torch.nn.Module, batch: InstructBatch) -> torch.Tensor:
+        return masked_lm_loss(model, batch[0], batch[1])
 
-    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
-        return masked_lm_loss(model, *batch)
-
-    def tokens_in(self, batch) -> int:
-        return int((batch[1] != IGNORE_INDEX).sum())
+    def tokens_in(self, batch: InstructBatch) -> int:
+        return int(batch[2].sum())
 
     @torch.no_grad()
     def split_loss(
@@ -117,14 +91,9 @@ class InstructionTask:
     ) -> float:
         """Mean token loss over a split (its first `max_batches` batches, in order)."""
         examples = self.splits.get(name) or []
-        n = (
-            len(examples)
-            if max_batches is None
-            else min(len(examples), max_batches * self.batch_size)
-        )
         total, count = 0.0, 0
-        for start in range(0, n, self.batch_size):
-            x, y = self.collate(examples[start : min(n, start + self.batch_size)])
+        for idx in self.eval_batches(name, max_batches):
+            x, y, _ = self.collate(examples, idx)
             logits = model(x).float()
             tokens = int((y != IGNORE_INDEX).sum())
             if tokens:
@@ -151,13 +120,6 @@ class InstructionTask:
         from scratchllm.inference.generate import generate_text
 
         return generate_text(model, self.tokenizer, self.sample_prompt, max_new_tokens).strip()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order()
 
 
 @torch.no_grad()
@@ -193,85 +155,79 @@ def generate_responses(
     return out
 
 
+class InstructRun(FinetuneRun):
+    """`scratchllm finetune instruct`: every parameter trains by default."""
+
+    kind = "instruct"
+    opts: InstructOptions
+
+    def __init__(self, opts: InstructOptions, progress=None) -> None:
+        super().__init__(opts)
+        self.progress = progress
+
+    def check(self) -> None:
+        super().check()
+        check_template(self.opts.template)
+
+    def load_data(self) -> None:
+        records = load_records(self.opts.data)
+        self.records = len(records)
+        self.train_r, self.val_r, self.test_r = split_records(
+            records, self.opts.split, self.opts.seed
+        )
+
+    def encode(self) -> dict[str, Any]:
+        opts = self.opts
+        info: dict[str, Any] = {"records": self.records, "template": opts.template}
+        self.splits, counts = {}, {}
+        for name, part in (("train", self.train_r), ("val", self.val_r), ("test", self.test_r)):
+            self.splits[name], counts[name] = encode_examples(
+                part, self.tokenizer, opts.template, self.max_length, opts.mask_prompt
+            )
+        info["sizes"] = {k: len(v) for k, v in self.splits.items()}
+        info["truncated"] = sum(c["truncated"] for c in counts.values())
+        info["dropped"] = sum(c["dropped"] for c in counts.values())
+        return info
+
+    def build_task(self) -> InstructionTask:
+        opts = self.opts
+        self.task = InstructionTask(
+            self.splits,
+            self.tokenizer.eot_id,
+            opts.batch_size,
+            self.device,
+            opts.seed,
+            opts.mask_prompt,
+            self.tokenizer,
+            format_prompt((self.val_r or self.train_r)[0], opts.template),
+        )
+        return self.task
+
+    def meta(self) -> dict[str, Any]:
+        return {"template": self.opts.template}
+
+    def sample_tokens(self) -> int:
+        return min(40, self.opts.generate_tokens)
+
+    def finish(self, model, records, results, meta) -> None:
+        for name in ("train", "val", "test"):
+            results[f"{name}_loss"] = self.task.split_loss(model, name)
+        meta["eval"] = {k: results[k] for k in ("val_loss", "test_loss")}
+        if self.opts.generate_tokens > 0 and self.test_r:
+            responses = generate_responses(
+                model,
+                self.tokenizer,
+                self.test_r,
+                self.opts.template,
+                self.opts.generate_tokens,
+                self.progress,
+            )
+            path = self.out / "test_responses.json"
+            atomic_write_text(path, json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
+            results["responses"] = str(path)
+
+
 def finetune_instruct(opts: InstructOptions, callback=None, progress=None) -> dict[str, Any]:
     """Instruction-tune a checkpoint; writes checkpoint/, metrics, plots, test_responses.json and
     results.json (val_loss, test_loss) into `opts.out`."""
-    import json
-
-    from scratchllm.checkpoint import load_checkpoint
-    from scratchllm.fs import atomic_write_text
-    from scratchllm.utils import pick_device, seed_everything
-
-    opts.validate()
-    if opts.template not in TEMPLATES:
-        raise InputError(f"--template {opts.template!r}: expected one of {', '.join(TEMPLATES)}")
-    out = Path(opts.out)
-    device = pick_device(opts.device)
-    records = load_records(opts.data)
-    train_r, val_r, test_r = split_records(records, opts.split, opts.seed)
-    ckpt = load_checkpoint(opts.checkpoint)
-    model, tokenizer = ckpt.model, ckpt.tokenizer
-    context = model.config.context_length
-    max_length = min(opts.max_length or context, context)
-    info: dict[str, Any] = {"records": len(records), "template": opts.template}
-    splits, counts = {}, {}
-    for name, part in (("train", train_r), ("val", val_r), ("test", test_r)):
-        splits[name], counts[name] = encode_examples(
-            part, tokenizer, opts.template, max_length, opts.mask_prompt
-        )
-    info["sizes"] = {k: len(v) for k, v in splits.items()}
-    info["truncated"] = sum(c["truncated"] for c in counts.values())
-    info["dropped"] = sum(c["dropped"] for c in counts.values())
-    seed_everything(opts.seed)
-    if opts.dropout is not None:
-        set_dropout(model, opts.dropout)
-    info.update(prepare_model(model, opts, "all", ()))
-    task = InstructionTask(
-        splits,
-        tokenizer.eot_id,
-        opts.batch_size,
-        device,
-        opts.seed,
-        opts.mask_prompt,
-        tokenizer,
-        format_prompt(val_r[0] if val_r else train_r[0], opts.template),
-    )
-    spe = task.steps_per_epoch()
-    meta: dict[str, Any] = {
-        "task": "instruct",
-        "template": opts.template,
-        "base_checkpoint": str(ckpt.path),
-        "title": f"instruct {Path(opts.data).name}",
-    }
-    trainer, seconds = run_trainer(
-        model,
-        task,
-        opts,
-        out,
-        tokenizer,
-        meta,
-        info,
-        callback,
-        device,
-        max(1, min(spe, 50)),
-        min(40, opts.generate_tokens),
-    )
-    model = trainer.model
-    results: dict[str, Any] = {"task": "instruct", **info}
-    for name in ("train", "val", "test"):
-        results[f"{name}_loss"] = task.split_loss(model, name)
-    results["first_eval"] = trainer.first_eval
-    results["epochs"] = epoch_history(trainer.metrics.read(), spe)
-    results["steps"] = trainer.step
-    results["train_seconds"] = seconds
-    meta["eval"] = {k: results[k] for k in ("val_loss", "test_loss")}
-    if opts.generate_tokens > 0 and test_r:
-        responses = generate_responses(
-            model, tokenizer, test_r, opts.template, opts.generate_tokens, progress
-        )
-        path = out / "test_responses.json"
-        atomic_write_text(path, json.dumps(responses, indent=2, ensure_ascii=False) + "\n")
-        results["responses"] = str(path)
-    results["checkpoint"] = str(save_final(model, tokenizer, out, meta, opts.checkpoint))
-    write_results(out, results)
-    return results
+    return InstructRun(opts, progress).run(callback)

@@ -12,27 +12,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from scratchllm.data.instruction import TEMPLATES, format_prompt, load_records, split_records
+from scratchllm.data.instruction import check_template, format_prompt, load_records, split_records
 from scratchllm.errors import InputError
-from scratchllm.finetune import (
-    FinetuneOptions,
-    epoch_history,
-    plot_eval_metrics,
-    prepare_model,
-    run_trainer,
-    save_final,
-    set_dropout,
-    write_results,
-)
+from scratchllm.finetune import FinetuneOptions, plot_eval_metrics
+from scratchllm.finetune.runner import FinetuneRun
+from scratchllm.finetune.tasks import ShuffledTask
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +68,15 @@ def encode_pairs(
     records: list[dict[str, str]], tokenizer, template: str, max_length: int
 ) -> tuple[list[Pair], int]:
     """Prompt and responses as ids (with end-of-text); responses are cut to fit `max_length`.
-    Returns the pairs and how many were cut."""
+    A prompt that fills `max_length` alone keeps its last `max_length // 2` tokens: the response
+    header and the text nearest it, which the responses follow. Returns the pairs and how many
+    were cut."""
     pairs, cut = [], 0
     eot = tokenizer.eot_id
     for record in records:
         prompt = tokenizer.encode_ordinary(format_prompt(record, template))
         if len(prompt) >= max_length:
-            prompt = prompt[: max_length // 2]  # keep room for the responses
+            prompt = prompt[-(max_length // 2) :]  # the end; the rest is room for the responses
             cut += 1
         room = max_length - len(prompt)
         chosen = tokenizer.encode_ordinary(record["chosen"]) + [eot]
@@ -102,7 +94,8 @@ def encode_pairs(
 def collate_pairs(
     pairs: list[Pair], pad_id: int, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Padded prompt+chosen and prompt+rejected ids with masks that select the response tokens."""
+    """Padded prompt+chosen and prompt+rejected ids with masks that select the response tokens,
+    and each sequence's length before the padding (`chosen_lengths`, `rejected_lengths`)."""
     out = {}
     for key in ("chosen", "rejected"):
         seqs = [p.prompt + getattr(p, key) for p in pairs]
@@ -113,10 +106,14 @@ def collate_pairs(
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, len(p.prompt) : len(s)] = True
         out[key], out[f"{key}_mask"] = ids.to(device), mask.to(device)
+        out[f"{key}_lengths"] = torch.tensor([len(s) for s in seqs])
     return out
 
 
-class DPOTask:
+PairBatch = dict[str, torch.Tensor]  # collate_pairs
+
+
+class DPOTask(ShuffledTask[list[Pair], PairBatch]):
     """Trainer task: DPO loss of the trained model against a frozen reference copy."""
 
     def __init__(
@@ -129,69 +126,47 @@ class DPOTask:
         device: torch.device | str = "cpu",
         seed: int = 0,
     ) -> None:
-        if not splits.get("train"):
-            raise InputError("preference data: the training split is empty")
-        self.splits = splits
-        self.device = torch.device(device)
+        super().__init__(splits, batch_size, device, seed, "preference data")
         self.reference = reference.to(self.device).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.pad_id = pad_id
-        self.batch_size = batch_size
         self.beta = beta
-        self.seed = seed
-        self.epoch, self.position = 0, 0
-        self._order = self._epoch_order()
 
-    def _epoch_order(self) -> list[int]:
-        order = list(range(len(self.splits["train"])))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
+    def collate(self, split: list[Pair], indices: list[int]) -> PairBatch:
+        return collate_pairs([split[i] for i in indices], self.pad_id, self.device)
 
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.splits["train"]) / self.batch_size)
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        idx = self._order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return collate_pairs([self.splits["train"][i] for i in idx], self.pad_id, self.device)
-
-    def _logps(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logps(self, model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(
             sequence_logprobs(model(batch[k]), batch[k], batch[f"{k}_mask"])
             for k in ("chosen", "rejected")
         )
 
-    def compute(self, model: torch.nn.Module, batch):
+    def compute(self, model: torch.nn.Module, batch: PairBatch):
         pc, pr = self._logps(model, batch)
         with torch.no_grad():
             rc, rr = self._logps(self.reference, batch)
         return dpo_loss(pc, pr, rc, rr, self.beta)
 
-    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
         return self.compute(model, batch)[0]
 
-    def tokens_in(self, batch) -> int:
-        return int(batch["chosen"].numel() + batch["rejected"].numel())
+    def tokens_in(self, batch: PairBatch) -> int:
+        # The policy reads both sequences of every pair (the reference's passes are not counted).
+        return int(batch["chosen_lengths"].sum() + batch["rejected_lengths"].sum())
 
     @torch.no_grad()
     def split_metrics(self, model, name: str, max_batches: int | None = None) -> dict[str, float]:
         pairs = self.splits.get(name) or []
-        n = len(pairs) if max_batches is None else min(len(pairs), max_batches * self.batch_size)
-        loss_sum, chosen, rejected, wins = 0.0, 0.0, 0.0, 0
-        for start in range(0, n, self.batch_size):
-            batch = collate_pairs(
-                pairs[start : min(n, start + self.batch_size)], self.pad_id, self.device
-            )
-            loss, c, r = self.compute(model, batch)
+        loss_sum, chosen, rejected, wins, n = 0.0, 0.0, 0.0, 0, 0
+        for idx in self.eval_batches(name, max_batches):
+            loss, c, r = self.compute(model, self.collate(pairs, idx))
             k = c.shape[0]
             loss_sum += float(loss) * k
             chosen += float(c.sum())
             rejected += float(r.sum())
             wins += int((c > r).sum())
+            n += k
         n = max(n, 1)
         return {
             f"{name}_loss": loss_sum / n,
@@ -207,82 +182,71 @@ class DPOTask:
             out.update(self.split_metrics(model, "val", max_batches))
         return out
 
-    def sample(self, model, max_new_tokens: int) -> str | None:
-        return None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
+class DPORun(FinetuneRun):
+    """`scratchllm finetune dpo`: usually from an instruction-tuned checkpoint."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order()
+    kind = "dpo"
+    opts: DPOOptions
+
+    def check(self) -> None:
+        super().check()
+        check_template(self.opts.template)
+        if not self.opts.beta > 0:
+            raise InputError(f"--beta must be > 0, got {self.opts.beta}")
+
+    def load_data(self) -> None:
+        self.records = load_records(self.opts.data, ("instruction", "chosen", "rejected"))
+        self.parts = split_records(self.records, self.opts.split, self.opts.seed)
+
+    def encode(self) -> dict[str, Any]:
+        self.splits, cut = {}, 0
+        for name, part in zip(("train", "val", "test"), self.parts, strict=True):
+            self.splits[name], n = encode_pairs(
+                part, self.tokenizer, self.opts.template, self.max_length
+            )
+            cut += n
+        return {
+            "records": len(self.records),
+            "sizes": {k: len(v) for k, v in self.splits.items()},
+            "truncated": cut,
+            "beta": self.opts.beta,
+        }
+
+    def adapt(self, model: torch.nn.Module) -> None:
+        self.reference = copy.deepcopy(model)  # frozen before any LoRA wrapping or training
+
+    def build_task(self) -> DPOTask:
+        opts = self.opts
+        self.task = DPOTask(
+            self.splits,
+            self.reference,
+            self.tokenizer.eot_id,
+            opts.batch_size,
+            opts.beta,
+            self.device,
+            opts.seed,
+        )
+        return self.task
+
+    def meta(self) -> dict[str, Any]:
+        return {"template": self.opts.template}
+
+    def finish(self, model, records, results, meta) -> None:
+        for name in ("val", "test"):
+            if self.splits[name]:
+                results.update(self.task.split_metrics(model, name))
+        plot_eval_metrics(
+            records,
+            ["train_reward_margin", "val_reward_margin"],
+            self.out / "reward_margin.png",
+            "reward margin",
+        )
+        plot_eval_metrics(
+            records, ["train_accuracy", "val_accuracy"], self.out / "accuracy.png", "accuracy"
+        )
 
 
 def finetune_dpo(opts: DPOOptions, callback=None) -> dict[str, Any]:
     """DPO-tune a checkpoint (usually an instruction-tuned one) on preference pairs."""
-    from scratchllm.checkpoint import load_checkpoint
-    from scratchllm.utils import pick_device, seed_everything
-
-    opts.validate()
-    if opts.template not in TEMPLATES:
-        raise InputError(f"--template {opts.template!r}: expected one of {', '.join(TEMPLATES)}")
-    if not opts.beta > 0:
-        raise InputError(f"--beta must be > 0, got {opts.beta}")
-    out = Path(opts.out)
-    device = pick_device(opts.device)
-    records = load_records(opts.data, ("instruction", "chosen", "rejected"))
-    parts = split_records(records, opts.split, opts.seed)
-    ckpt = load_checkpoint(opts.checkpoint)
-    model, tokenizer = ckpt.model, ckpt.tokenizer
-    context = model.config.context_length
-    max_length = min(opts.max_length or context, context)
-    splits, cut = {}, 0
-    for name, part in zip(("train", "val", "test"), parts, strict=True):
-        splits[name], n = encode_pairs(part, tokenizer, opts.template, max_length)
-        cut += n
-    seed_everything(opts.seed)
-    if opts.dropout is not None:
-        set_dropout(model, opts.dropout)
-    reference = copy.deepcopy(model)  # frozen before any LoRA wrapping or training
-    info: dict[str, Any] = {
-        "records": len(records),
-        "sizes": {k: len(v) for k, v in splits.items()},
-        "truncated": cut,
-        "beta": opts.beta,
-    }
-    info.update(prepare_model(model, opts, "all", ()))
-    task = DPOTask(
-        splits, reference, tokenizer.eot_id, opts.batch_size, opts.beta, device, opts.seed
-    )
-    spe = task.steps_per_epoch()
-    meta: dict[str, Any] = {
-        "task": "dpo",
-        "template": opts.template,
-        "base_checkpoint": str(ckpt.path),
-        "title": f"dpo {Path(opts.data).name}",
-    }
-    trainer, seconds = run_trainer(
-        model, task, opts, out, tokenizer, meta, info, callback, device, max(1, min(spe, 50)), 0
-    )
-    model = trainer.model
-    results: dict[str, Any] = {"task": "dpo", **info}
-    for name in ("val", "test"):
-        if splits[name]:
-            results.update(task.split_metrics(model, name))
-    results["first_eval"] = trainer.first_eval
-    records_log = trainer.metrics.read()
-    results["epochs"] = epoch_history(records_log, spe)
-    results["steps"] = trainer.step
-    results["train_seconds"] = seconds
-    plot_eval_metrics(
-        records_log,
-        ["train_reward_margin", "val_reward_margin"],
-        out / "reward_margin.png",
-        "reward margin",
-    )
-    plot_eval_metrics(
-        records_log, ["train_accuracy", "val_accuracy"], out / "accuracy.png", "accuracy"
-    )
-    results["checkpoint"] = str(save_final(model, tokenizer, out, meta, opts.checkpoint))
-    write_results(out, results)
-    return results
+    return DPORun(opts).run(callback)

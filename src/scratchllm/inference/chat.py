@@ -6,38 +6,26 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# The book's instruction format (ch. 7, Alpaca), used when a tokenizer has no chat template: the
+# one copy that instruction tuning trains on (`data/instruction.py`).
+from scratchllm.data.instruction import ALPACA_PREAMBLE, ALPACA_STOPS, alpaca_text
 from scratchllm.errors import InputError
 from scratchllm.inference.engine import Engine, SamplingParams
 from scratchllm.tokenizers import Tokenizer
-
-# The book's instruction format (ch. 7, Alpaca), used when a tokenizer has no chat template.
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
-
-
-ALPACA_STOPS = ("\n\n### Instruction:", "\n\n### Input:", "\n\n### Response:")
-
-
-def has_chat_template(tokenizer: Tokenizer) -> bool:
-    return bool(getattr(tokenizer, "has_chat_template", False))
 
 
 def alpaca_prompt(messages: Sequence[dict[str, Any]]) -> str:
     """The book's instruction format for a conversation (a system message replaces the preamble).
 
-    Each user turn is an `### Instruction:`, each assistant turn a `### Response:`; the text ends
-    with an open `### Response:` for the model to fill.
+    A user message's content is an instruction with no input (an `### Instruction:` section,
+    never an `### Input:`), each assistant turn a `### Response:`; the text ends with an open
+    `### Response:` for the model to fill. One user message thus gives exactly the prompt that
+    instruction tuning trained on for the record {"instruction": content, "input": ""}.
     """
     system = [m["content"] for m in messages if m["role"] == "system"]
-    text = system[0] if system else ALPACA_PREAMBLE
-    for m in messages:
-        if m["role"] == "user":
-            text += f"\n\n### Instruction:\n{m['content']}"
-        elif m["role"] == "assistant":
-            text += f"\n\n### Response:\n{m['content']}"
-    return text + "\n\n### Response:\n"
+    kinds = {"user": "instruction", "assistant": "response"}
+    sections = [(kinds[m["role"]], m["content"]) for m in messages if m["role"] in kinds]
+    return alpaca_text(sections, system[0] if system else ALPACA_PREAMBLE)
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
@@ -63,7 +51,7 @@ def chat_prompt(
     user text is encoded as plain text (a special token typed by a user stays text).
     """
     messages = check_messages(list(messages))
-    if has_chat_template(tokenizer):
+    if tokenizer.has_chat_template:
         return tokenizer.encode_chat(messages, add_generation_prompt=True), ()
     return tokenizer.encode_ordinary(alpaca_prompt(messages)), ALPACA_STOPS
 
