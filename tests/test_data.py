@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,9 @@ from scratchllm.data import (
     tokenize_corpus,
     write_token_file,
 )
+from scratchllm.data.pool import ordered_map
 from scratchllm.data.shards import HEADER_BYTES, MAGIC
+from scratchllm.data.text import read_text_pieces, split_chunks
 from scratchllm.errors import InputError
 from scratchllm.tokenizers import GPT2_PATTERN, ByteTokenizer
 
@@ -302,11 +305,58 @@ def test_safe_cuts_never_change_ids(gpt2_tokenizer, text, chunk):
     assert ids == gpt2_tokenizer.encode_ordinary(text)
 
 
+def test_exact_chunks_wait_for_a_safe_cut():
+    # Token files need exact ids: a stretch without a safe cut is never cut (the trainer's
+    # default cuts it at 8 chunks, see test_bpe).
+    assert list(split_chunks(["." * 100, "." * 20], 10, exact=True)) == ["." * 120]
+    assert list(split_chunks(["." * 50, ".a", " b"], 10, exact=True)) == ["." * 51 + "a", " b"]
+
+
+def test_raw_and_clean_reading_with_one_byte_blocks(tmp_path):
+    raw = "\ufeffa\r\nb\rc é\r".encode()
+    path = tmp_path / "t.txt"
+    path.write_bytes(raw)
+    assert "".join(read_text_pieces(path, clean=False, read_bytes=1)) == raw.decode()
+    assert "".join(read_text_pieces(path, read_bytes=1)) == "a\nb\nc é\n"
+    path.write_bytes(b"ab\xe2\x82")  # a character cut off by the end of the file
+    with pytest.raises(InputError, match=rf"{path}: invalid UTF-8 at byte offset 2;"):
+        list(read_text_pieces(path, read_bytes=1))
+    path.write_bytes(b"")
+    assert list(read_text_pieces(path, allow_empty=True)) == []
+    with pytest.raises(InputError, match=rf"{path}: empty file"):
+        list(read_text_pieces(path))
+
+
+def _scaled_square(scale: int, i: int) -> int:
+    time.sleep(0.002 * (i % 3))  # later items often finish first
+    return scale * i * i
+
+
+def test_pool_keeps_order_and_reads_at_most_in_flight_ahead():
+    read: list[int] = []
+
+    def items():
+        for i in range(30):
+            read.append(i)
+            yield i
+
+    out = []
+    for result in ordered_map(_scaled_square, items(), 3, workers=2, in_flight=4):
+        out.append(result)
+        assert len(read) - len(out) <= 4
+    assert out == [3 * i * i for i in range(30)]
+    assert list(ordered_map(_scaled_square, [5], 2, workers=2)) == [50]  # one item: no processes
+
+
 class _WholeTextBytes(ByteTokenizer):
-    """A byte tokenizer that pretends it cannot be split (like SentencePiece) and logs calls."""
+    """A byte tokenizer that declares it cannot be split (like SentencePiece) and logs calls."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+
+    @property
+    def splittable(self) -> bool:
+        return False
 
     def encode_ordinary(self, text: str) -> list[int]:
         self.calls.append(text)
@@ -314,7 +364,6 @@ class _WholeTextBytes(ByteTokenizer):
 
 
 def test_unsplittable_tokenizers_get_whole_documents(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "splittable", lambda tok: not isinstance(tok, _WholeTextBytes))
     monkeypatch.setattr(shards, "CHUNK_BYTES", 16)
     docs = ["first document\nwith lines\nand more words " * 3, "second one " * 10]
     for i, doc in enumerate(docs):

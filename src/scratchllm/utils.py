@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, seeding, device and dtype choice."""
+"""Small shared helpers: seeding, device and dtype choice."""
 
 from __future__ import annotations
 

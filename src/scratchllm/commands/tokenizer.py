@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 def _documents(specs: list[str], specials: list[str], clean: bool) -> tuple[Iterator[str], int]:
     """Safe-cut text chunks of every document named by `specs`, and their total size."""
     from scratchllm.data.corpus import builtin_text, list_sources
-    from scratchllm.tokenizers.train import read_text_pieces, split_chunks
+    from scratchllm.data.text import read_text_pieces, split_chunks
 
     sources = list_sources(specs)  # checks every spec before reading anything
     total = 0

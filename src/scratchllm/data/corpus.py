@@ -7,19 +7,20 @@ Each file is one document; the tokenizer joins documents with `<|endoftext|>`.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import glob
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from scratchllm.data.text import read_text_pieces
 from scratchllm.errors import InputError
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+_WHAT = "corpus file"  # how read errors name a corpus file
 
 
 def _python_docs() -> str:
@@ -103,47 +104,13 @@ def builtin_text(spec: str) -> str:
 
 
 # -- reading text ----------------------------------------------------------------------------------
-def _read_error(path: Path, exc: OSError) -> InputError:
-    if isinstance(exc, FileNotFoundError):
-        return InputError(f"corpus file {path}: no such file")
-    if isinstance(exc, IsADirectoryError):
-        return InputError(f"corpus file {path}: is a folder, expected a text file")
-    if isinstance(exc, PermissionError):
-        return InputError(f"corpus file {path}: permission denied, cannot read it")
-    return InputError(f"corpus file {path}: cannot read it ({exc.strerror or exc})")
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise _read_error(path, exc) from None
-
-
-def normalize_newlines(text: str) -> str:
-    """CRLF and lone CR become LF."""
-    if "\r" not in text:
-        return text
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 def read_text_file(path: Path, strip_gutenberg: bool = False) -> str:
     """A corpus file as clean text: strict UTF-8, no BOM, LF line ends (optionally no PG boilerplate).
 
     Invalid UTF-8 is an InputError giving the byte offset, so the user can find the bad byte.
     """
-    path = Path(path)
-    data = _read_bytes(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"corpus file {path}: invalid UTF-8 at byte offset {exc.start}; expected UTF-8 text"
-        ) from None
-    del data
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    text = normalize_newlines(text)
+    # One read of the whole file through the one reader, so cleaning is done in one place.
+    text = "".join(read_text_pieces(path, read_bytes=-1, allow_empty=True, what=_WHAT))
     if strip_gutenberg:
         text = strip_gutenberg_boilerplate(text)
     return text
@@ -173,49 +140,17 @@ def strip_gutenberg_boilerplate(text: str) -> str:
     return _before_end_marker(_after_start_marker(text))[0]
 
 
-def _iter_text_pieces(path: Path, read_bytes: int) -> Iterator[str]:
-    """Stream a big file as clean text pieces that each end with a newline (except the last).
-
-    Same cleaning as `read_text_file` (strict UTF-8, BOM, CR/CRLF) without holding the file.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0  # bytes read before the current block
-    carry = ""  # text after the last newline, completed by the next block
-    cr_pending = ""  # a block ending in "\r" may be the first half of "\r\n"
-    first = True
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
-    except OSError as exc:
-        raise _read_error(path, exc) from None
-    with fh:
-        while True:
-            data = fh.read(read_bytes)
-            final = not data
-            buffered = len(decoder.getstate()[0])
-            try:
-                decoded = decoder.decode(data, final=final)
-            except UnicodeDecodeError as exc:
-                at = offset - buffered + exc.start
-                raise InputError(
-                    f"corpus file {path}: invalid UTF-8 at byte offset {at}; expected UTF-8 text"
-                ) from None
-            offset += len(data)
-            if first and decoded:
-                decoded = decoded.removeprefix("\ufeff")
-                first = False
-            raw = cr_pending + decoded
-            cr_pending = ""
-            if not final and raw.endswith("\r"):
-                raw, cr_pending = raw[:-1], "\r"
-            text = carry + normalize_newlines(raw)
-            if final:
-                if text:
-                    yield text
-                return
-            cut = text.rfind("\n") + 1
-            carry = text[cut:]
-            if cut:
-                yield text[:cut]
+def _whole_lines(pieces: Iterable[str]) -> Iterator[str]:
+    """The same text re-cut so that each piece ends with a newline (except the last)."""
+    carry = ""  # text after the last newline, completed by the next piece
+    for piece in pieces:
+        text = carry + piece
+        cut = text.rfind("\n") + 1
+        carry = text[cut:]
+        if cut:
+            yield text[:cut]
+    if carry:
+        yield carry
 
 
 def iter_file_pieces(
@@ -230,10 +165,11 @@ def iter_file_pieces(
         yield read_text_file(path, strip_gutenberg)
         return
     log.info("streaming %s (%d bytes) in %d-byte blocks", path, size, read_bytes)
-    pieces = _iter_text_pieces(path, read_bytes)
+    pieces = read_text_pieces(path, read_bytes=read_bytes, allow_empty=True, what=_WHAT)
     if not strip_gutenberg:
         yield from pieces
         return
+    pieces = _whole_lines(pieces)
     # Pieces end at line breaks, so marker lines are never split. The START marker is looked
     # for in the first MB (headers are a few kB); the END marker ends the text wherever it is.
     # The last line and trailing blanks of each piece are held back, so the text before END is

@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import os
-import re
 import struct
-import tempfile
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from scratchllm.data import corpus
+from scratchllm.data.pool import default_workers, ordered_map
+from scratchllm.data.text import split_chunks
 from scratchllm.errors import InputError
-from scratchllm.fs import fsync_dir
-from scratchllm.tokenizers import GPT2_PATTERN, BPETokenizer, ByteTokenizer, Tokenizer
-from scratchllm.tokenizers import base as tokenizer_module
+from scratchllm.fs import atomic_file
+from scratchllm.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -91,40 +88,29 @@ def write_token_file(
     path = Path(path)
     dtype = dtype_for_vocab(vocab_size)
     fp = _fingerprint_bytes(fingerprint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(_pack_header(0, dtype, vocab_size, fp))  # placeholder; count comes last
-            for chunk in chunks:
-                arr = np.asarray(chunk)
-                if arr.size == 0:
-                    continue
-                arr = arr.reshape(-1)
-                if arr.dtype.kind not in "iu":
-                    raise InputError(
-                        f"token file {path}: chunk of dtype {arr.dtype}, expected integer ids"
-                    )
-                bad = (arr < 0) | (arr >= vocab_size)
-                if bad.any():
-                    at = int(np.argmax(bad))
-                    raise InputError(
-                        f"token file {path}: token id {int(arr[at])} at position {count + at} "
-                        f"is outside the vocabulary of {vocab_size}"
-                    )
-                fh.write(arr.astype(dtype, copy=False).tobytes())
-                count += arr.size
-            fh.seek(0)
-            fh.write(_pack_header(count, dtype, vocab_size, fp))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(_pack_header(0, dtype, vocab_size, fp))  # placeholder; count comes last
+        for chunk in chunks:
+            arr = np.asarray(chunk)
+            if arr.size == 0:
+                continue
+            arr = arr.reshape(-1)
+            if arr.dtype.kind not in "iu":
+                raise InputError(
+                    f"token file {path}: chunk of dtype {arr.dtype}, expected integer ids"
+                )
+            bad = (arr < 0) | (arr >= vocab_size)
+            if bad.any():
+                at = int(np.argmax(bad))
+                raise InputError(
+                    f"token file {path}: token id {int(arr[at])} at position {count + at} "
+                    f"is outside the vocabulary of {vocab_size}"
+                )
+            fh.write(arr.astype(dtype, copy=False).tobytes())
+            count += arr.size
+        fh.seek(0)
+        fh.write(_pack_header(count, dtype, vocab_size, fp))
     log.info("wrote %s: %d tokens (%s)", path, count, np.dtype(dtype).name)
     return path
 
@@ -198,76 +184,32 @@ class TokenFile:
 
 
 # -- tokenizing a corpus ---------------------------------------------------------------------------
-def splittable(tokenizer: Tokenizer) -> bool:
-    """Whether a document may be encoded in pieces with the same result as a whole.
-
-    True for bytes and for BPE with a pre-tokenizer pattern known to be safe (GPT-2's and
-    GPT-4's: no pre-token runs from a letter/digit into a following space or newline, so
-    cutting there changes nothing). Other tokenizers (e.g. SentencePiece, which marks the start
-    of its input) are encoded a whole document at a time unless they set `splittable = True`.
-    """
-    if isinstance(tokenizer, ByteTokenizer):
-        return True
-    if isinstance(tokenizer, BPETokenizer):
-        known = {GPT2_PATTERN, *getattr(tokenizer_module, "PATTERNS", {}).values()}
-        return tokenizer.pattern in known
-    return bool(getattr(tokenizer, "splittable", False))
-
-
-# A letter/digit followed by a newline (preferred) or a space: the cut goes between them.
-_NEWLINE_CUT = re.compile(r"[^\W_]\n")
-_SPACE_CUT = re.compile(r"[^\W_] ")
-_ANY_CUT = re.compile(r"[^\W_][\n ]")
-
-
-def _find_cut(text: str, pos: int) -> int | None:
-    """A safe cut at or after `pos` (> 0): right after a letter/digit, before a newline or space.
-
-    Cutting there gives the same ids as encoding the text whole: no GPT-2 (or Llama-3) style
-    pre-token runs from a letter/digit into whitespace, so a pre-token boundary is always there,
-    and regex matches depend only on the text to their right. Newlines are preferred so chunks
-    end at line ends.
-    """
-    end = pos + 65536
-    for pattern in (_NEWLINE_CUT, _SPACE_CUT):
-        match = pattern.search(text, pos - 1, end)
-        if match:
-            return match.start() + 1
-    match = _ANY_CUT.search(text, end - 1)  # a long stretch without a cut (rare)
-    return match.start() + 1 if match else None
-
-
 def _split_document(
     pieces: Iterable[str], size: int, chunk_chars: int, split: bool
 ) -> Iterator[tuple[str, bool, int]]:
     """(text, ends_document, progress_bytes) chunks of one document's text pieces.
 
-    A whitespace-only document yields no text and no eot, as `iter_documents` skips it.
-    The progress bytes of a document add up to `size`, so progress ends exactly at the total.
+    With `split`, the text is cut only at pre-token-safe cuts (`data.text.split_chunks`, exact:
+    never where ids could change); else the document is one chunk. A whitespace-only document
+    yields no text and no eot, as `iter_documents` skips it. The progress bytes of a document
+    add up to `size`, so progress ends exactly at the total.
     """
+    chunks = split_chunks(pieces, chunk_chars, exact=True) if split else iter(["".join(pieces)])
     done = 0
-    buf = ""
     emitted = False
-    for piece in pieces:
-        buf = buf + piece if buf else piece
-        if not split:
-            continue
-        start = 0
-        while len(buf) - start >= 2 * chunk_chars:
-            cut = _find_cut(buf, start + chunk_chars)
-            if cut is None:
-                break  # no safe cut yet: wait for more text
-            weight = min(cut - start, size - done)
+    last: str | None = None  # held back one step: the final chunk carries the eot
+    for chunk in chunks:
+        if last is not None:
+            weight = min(len(last), size - done)
             done += weight
             emitted = True
-            yield buf[start:cut], False, weight
-            start = cut
-        if start:
-            buf = buf[start:]
-    if not emitted and not buf.strip():
+            yield last, False, weight
+        last = chunk
+    text = last or ""
+    if not emitted and not text.strip():
         yield "", False, size - done  # counts for progress only
         return
-    yield buf, True, size - done
+    yield text, True, size - done
 
 
 def _iter_tasks(
@@ -294,14 +236,19 @@ def _iter_tasks(
             if text or eot:
                 segments.append((text, eot))
                 chars += len(text)
-            if chars >= chunk_chars:
+            # A chunk cut out of a longer document is as big as chunks get: a task by itself.
+            if chars >= chunk_chars or (text and not eot):
                 yield segments, weight
                 segments, chars, weight = [], 0, 0
     if segments or weight:
         yield segments, weight
 
 
-def _encode_segments(tokenizer: Tokenizer, segments: list[tuple[str, bool]]) -> np.ndarray:
+def _encode_task(
+    tokenizer: Tokenizer, task: tuple[list[tuple[str, bool]], int]
+) -> tuple[np.ndarray, int]:
+    """The ids of one task's (text, add_eot) segments, and its progress bytes (passed through)."""
+    segments, weight = task
     parts = []
     eot = tokenizer.eot_id
     for text, add_eot in segments:
@@ -309,66 +256,7 @@ def _encode_segments(tokenizer: Tokenizer, segments: list[tuple[str, bool]]) -> 
         if add_eot:
             ids.append(eot)
         parts.append(np.asarray(ids, dtype=np.uint32))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-
-
-_WORKER_TOKENIZER: Tokenizer | None = None
-
-
-def _init_worker(tokenizer: Tokenizer) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
-
-
-def _encode_in_worker(segments: list[tuple[str, bool]]) -> np.ndarray:
-    assert _WORKER_TOKENIZER is not None
-    return _encode_segments(_WORKER_TOKENIZER, segments)
-
-
-def default_workers() -> int:
-    """CPUs this process may use (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _encoded_stream(
-    tasks: Iterator[tuple[list[tuple[str, bool]], int]],
-    tokenizer: Tokenizer,
-    workers: int,
-    total: int,
-    progress: ProgressFn | None,
-) -> Iterator[np.ndarray]:
-    done = 0
-
-    def report(weight: int) -> None:
-        nonlocal done
-        done += weight
-        if progress is not None:
-            progress(done, total)
-
-    if workers <= 1:
-        for segments, weight in tasks:
-            yield _encode_segments(tokenizer, segments)
-            report(weight)
-        return
-    # Bounded in-flight window instead of Pool.imap: imap's feeder thread would read the whole
-    # corpus ahead into the task queue. This keeps order and at most 2 tasks per worker in memory.
-    with multiprocessing.get_context().Pool(
-        workers, initializer=_init_worker, initargs=(tokenizer,)
-    ) as pool:
-        pending: deque = deque()
-        for segments, weight in tasks:
-            pending.append((pool.apply_async(_encode_in_worker, (segments,)), weight))
-            if len(pending) >= 2 * workers:
-                result, w = pending.popleft()
-                yield result.get()
-                report(w)
-        while pending:
-            result, w = pending.popleft()
-            yield result.get()
-            report(w)
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)), weight
 
 
 def tokenize_corpus(
@@ -405,18 +293,22 @@ def tokenize_corpus(
         raise InputError(f"workers {workers}: expected at least 1")
     if total <= 2 * CHUNK_BYTES:
         workers = 1  # starting processes costs more than encoding a small corpus
-    split = splittable(tokenizer)
+    split = tokenizer.splittable
     if not split:
         log.info("tokenizer %s is not known to be splittable: encoding whole documents", tokenizer)
     eot = tokenizer.eot_id  # fails early if the tokenizer has no <|endoftext|>
     label = ", ".join(map(str, specs))
 
     def checked() -> Iterator[np.ndarray]:
-        count = 0
+        count = done = 0
         tasks = _iter_tasks(sources, sizes, strip_gutenberg, split)
-        for arr in _encoded_stream(tasks, tokenizer, workers, total, progress):
+        # Tasks are encoded in order, a few per worker in flight, so memory stays bounded.
+        for arr, weight in ordered_map(_encode_task, tasks, tokenizer, workers):
             count += arr.size
             yield arr
+            done += weight
+            if progress is not None:
+                progress(done, total)
         if count == 0:
             raise InputError(f"corpus {label}: no text found (every document is empty)")
 

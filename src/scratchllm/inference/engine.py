@@ -52,7 +52,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
-    stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's end-of-text ids
+    stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's `stop_ids`
     n: int = 1  # samples of the same prompt (they share one prefill)
 
     def validate(self) -> None:
@@ -259,15 +259,6 @@ class _Sequence:
         )
 
 
-def default_stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
-    """End-of-text ids: the tokenizer's `stop_ids` (chat models) and its end-of-text token."""
-    ids = set(getattr(tokenizer, "stop_ids", None) or ())
-    eot = tokenizer.special_tokens.get(tokenizer.eot_token)
-    if eot is not None:
-        ids.add(eot)
-    return frozenset(ids)
-
-
 class Engine:
     """Batched generation over one model; see the module docstring."""
 
@@ -293,7 +284,7 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.max_batch = max_batch
         self.max_tokens = max_tokens  # the most tokens one request may ask for
-        self.stop_ids = default_stop_ids(tokenizer)
+        self.stop_ids = frozenset(tokenizer.stop_ids)  # the same ids `generate_text` stops at
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()
         self._step_lock = threading.Lock()

@@ -94,7 +94,8 @@ def generate_text(
     seed: int | None = None,
     stop_at_eos: bool = True,
 ) -> str:
-    """Continue `prompt` and return only the new text (up to, not including, end-of-text)."""
+    """Continue `prompt` and return only the new text, up to (not including) the first of the
+    tokenizer's `stop_ids` unless `stop_at_eos` is False."""
     ids = tokenizer.encode(prompt, allow_special=True)
     if not ids:
         raise InputError("prompt is empty: give some text to continue")
@@ -103,12 +104,7 @@ def generate_text(
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    stops: set[int] = set()
-    if stop_at_eos:
-        eot = tokenizer.special_tokens.get(tokenizer.eot_token)
-        stops = set(getattr(tokenizer, "stop_ids", None) or ()) | (
-            {eot} if eot is not None else set()
-        )
+    stops = set(tokenizer.stop_ids) if stop_at_eos else set()
     out = generate(
         model,
         torch.tensor([ids], dtype=torch.long, device=device),

@@ -122,6 +122,43 @@ class Tokenizer(ABC):
             raise InputError(f"tokenizer {self.name!r} has no {EOT} token")
         return self.special_tokens[EOT]
 
+    # -- what generation, chat and the data pipeline ask of every tokenizer ---------------------
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation, sorted: the end-of-turn ids of a chat model; here the
+        end-of-text id when the vocabulary has it as a special token, else none."""
+        eot = self.special_tokens.get(self.eot_token)
+        return () if eot is None else (eot,)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's chat template (Jinja source), or None: prompts use the Alpaca format."""
+        return None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kw: Any
+    ) -> list[int]:
+        """Token ids of `messages` rendered with the chat template; InputError without one."""
+        raise InputError(
+            f"tokenizer {self.name!r} has no chat template; expected one to encode a chat "
+            "(without it, chats use the Alpaca instruction format)"
+        )
+
+    @property
+    def splittable(self) -> bool:
+        """Whether encoding a text equals concatenating the encodings of its pieces when it is
+        cut only between a letter/digit and whitespace (`scratchllm.data.text.split_chunks`).
+
+        Token files and BPE training encode long documents in such pieces, on all cores, when
+        this holds; otherwise whole documents. False unless a tokenizer knows better (a
+        SentencePiece model, for one, marks the start of its input, so pieces differ).
+        """
+        return False
+
     def fingerprint(self) -> str:
         """A short hash of the vocabulary; token files record it to catch mismatches."""
         h = hashlib.sha256(self._fingerprint_payload())

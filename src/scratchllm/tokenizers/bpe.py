@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from scratchllm.errors import InputError
-from scratchllm.tokenizers.base import EOT, GPT2_PATTERN, Tokenizer, write_meta
+from scratchllm.tokenizers.base import EOT, GPT2_PATTERN, PATTERNS, Tokenizer, write_meta
 
 
 class BPETokenizer(Tokenizer):
@@ -55,6 +55,12 @@ class BPETokenizer(Tokenizer):
     @property
     def special_tokens(self) -> dict[str, int]:
         return self._special
+
+    @property
+    def splittable(self) -> bool:
+        # GPT-2's and GPT-4's patterns never join a letter/digit and the whitespace after it
+        # into one pre-token, and BPE never merges across pre-tokens; a custom pattern may.
+        return self.pattern in PATTERNS.values()
 
     def encode_ordinary(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
@@ -138,13 +144,13 @@ def gpt2_tokenizer(directory: str | Path | None = None) -> BPETokenizer:
     """OpenAI's GPT-2 tokenizer: from `directory` if given, else tiktoken's (downloads once)."""
     if directory is not None:
         return BPETokenizer.from_gpt2_files(directory, {EOT: 50256}, name="gpt2")
-    import tiktoken
+    from tiktoken_ext import openai_public
 
-    try:
-        enc = tiktoken.get_encoding("gpt2")
+    try:  # the public constructor behind tiktoken.get_encoding("gpt2"): ranks and pattern
+        enc = openai_public.gpt2()
     except Exception as exc:  # offline: tiktoken cannot fetch its files
         raise InputError(
             f"tokenizer 'gpt2': tiktoken could not load its GPT-2 files ({type(exc).__name__}); "
             "offline, use gpt2:DIR with a folder holding encoder.json and vocab.bpe"
         ) from None
-    return BPETokenizer(enc._mergeable_ranks, {EOT: 50256}, enc._pat_str, name="gpt2")
+    return BPETokenizer(enc["mergeable_ranks"], {EOT: 50256}, enc["pat_str"], name="gpt2")

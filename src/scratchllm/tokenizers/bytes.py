@@ -25,6 +25,10 @@ class ByteTokenizer(Tokenizer):
     def encode_ordinary(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    @property
+    def splittable(self) -> bool:
+        return True  # a byte's id never depends on its neighbours
+
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         out = bytearray()
         for i in ids:

@@ -284,10 +284,11 @@ class HFTokenizer(Tokenizer):
         return i
 
     @property
-    def stop_ids(self) -> list[int]:
-        """Ids that end a generation: the eos token and any other end tokens the model names."""
-        ids = [self._tok.token_to_id(t) for t in [self._eos, *self._stop] if t is not None]
-        return sorted({i for i in ids if i is not None})
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: the eos token, any other end tokens the model names and
+        the end-of-text special token if there is one."""
+        ids = {self._tok.token_to_id(t) for t in [self._eos, *self._stop] if t is not None}
+        return tuple(sorted({*(i for i in ids if i is not None), *super().stop_ids}))
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -296,10 +297,6 @@ class HFTokenizer(Tokenizer):
     @property
     def chat_template(self) -> str | None:
         return self._chat_template
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(self._chat_template)
 
     def apply_chat_template(
         self,
@@ -416,15 +413,13 @@ def gpt2_bpe_from_files(vocab: Path, merges: Path, name: str = "gpt2") -> BPETok
     return BPETokenizer(ranks, specials, GPT2_PATTERN, name=name)
 
 
-def save_tokenizer(tokenizer: Tokenizer, directory: Path, merges_file: Path | None = None) -> None:
-    """`tokenizer.save(directory)`; a BPE tokenizer read from files keeps their merge list
-    instead of recovering it from the ranks (a second saved on GPT-2's 50k merges)."""
+def keep_merges(tokenizer: Tokenizer, merges_file: Path | None) -> None:
+    """A BPE tokenizer read from files keeps their merge list, so that saving it need not
+    recover the list from the ranks (a second saved on GPT-2's 50k merges)."""
     from scratchllm.tokenizers import files as bpe_files
 
-    known = getattr(tokenizer, "merges", None)
-    if isinstance(tokenizer, BPETokenizer) and merges_file is not None and known is None:
+    if isinstance(tokenizer, BPETokenizer) and merges_file is not None and tokenizer.merges is None:
         tokenizer.merges = bpe_files.read_merges(merges_file)
-    tokenizer.save(directory)
 
 
 def merges_file_of(directory: Path) -> Path | None:

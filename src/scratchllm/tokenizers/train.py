@@ -5,8 +5,8 @@ The pipeline:
 1. **Pre-tokenize.** Text is split on the special tokens (so they are never merged), then cut
    into pre-tokens by a regex (GPT-2's by default, GPT-4's as an option). Only the *counts* of
    distinct pre-tokens are kept, so memory grows with the vocabulary of words, not with the
-   corpus. Large inputs are streamed in chunks cut where the regex is sure to split anyway, and
-   the chunks are counted on all cores.
+   corpus. Large inputs are streamed and cut where the regex is sure to split anyway
+   (`scratchllm.data.text`), and the chunks are counted on all cores (`scratchllm.data.pool`).
 2. **Merge.** Each distinct pre-token is a list of token ids with a count. The most frequent
    adjacent pair (ties: the lexicographically greater `(bytes, bytes)` pair) becomes a new token.
    Pair counts are updated incrementally: an index pair → words holding it means a merge only
@@ -16,13 +16,10 @@ The pipeline:
 
 from __future__ import annotations
 
-import codecs
 import heapq
 import logging
-import multiprocessing
-import os
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain, pairwise
 from pathlib import Path
@@ -30,6 +27,8 @@ from typing import Any
 
 import regex
 
+from scratchllm.data.pool import default_workers, ordered_map
+from scratchllm.data.text import DEFAULT_CHUNK_CHARS, read_text_pieces, split_chunks
 from scratchllm.errors import InputError
 from scratchllm.tokenizers.base import EOT, GPT2_PATTERN, PATTERNS
 from scratchllm.tokenizers.bpe import BPETokenizer
@@ -42,14 +41,6 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, "int | None"], None]
 
 LAYOUTS = ("gpt2", "specials_first")
-DEFAULT_CHUNK_CHARS = 1 << 20
-_READ_BYTES = 1 << 22
-
-# A cut between a letter/digit and whitespace is always a pre-token boundary for both the GPT-2
-# and GPT-4 patterns (no pre-token spans it, and neither pattern looks behind), so counting the
-# two sides separately gives exactly the counts of the whole text.
-_SAFE_CUT = regex.compile(r"[\p{L}\p{N}]\s")
-_LAST_SAFE_CUT = regex.compile(r"(?r)[\p{L}\p{N}]\s")
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -86,150 +77,40 @@ def check_vocab_size(vocab_size: int, n_special: int) -> int:
     return vocab_size - minimum
 
 
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-# -- streaming text in safe chunks --------------------------------------------------------------
-def _specials_spanning(text: str, cut: int, specials: Sequence[str]) -> bool:
-    for s in specials:
-        if len(s) > 1 and text.find(s, max(0, cut - len(s) + 1), cut + len(s) - 1) >= 0:
-            return True
-    return False
-
-
-def last_safe_cut(
-    text: str, specials: Sequence[str] = (), pos: int = 0, endpos: int | None = None
-) -> int:
-    """The last position in `text[pos:endpos]` where the text may be cut without changing its
-    pre-tokens (and not inside a special token), or -1 if there is none."""
-    end = len(text) if endpos is None else endpos
-    while True:
-        m = _LAST_SAFE_CUT.search(text, pos, end)
-        if m is None:
-            return -1
-        cut = m.start() + 1
-        if not _specials_spanning(text, cut, specials):
-            return cut
-        end = cut
-
-
-def _first_safe_cut(text: str, specials: Sequence[str], pos: int) -> int:
-    for m in _SAFE_CUT.finditer(text, pos):
-        if not _specials_spanning(text, m.start() + 1, specials):
-            return m.start() + 1
-    return -1
-
-
-def split_chunks(
-    pieces: Iterable[str], chunk_chars: int = DEFAULT_CHUNK_CHARS, specials: Sequence[str] = ()
-) -> Iterator[str]:
-    """Re-cut one document's consecutive `pieces` into chunks of at most about `chunk_chars`
-    characters, only at safe cuts. A stretch without any safe cut (not text, really) is cut
-    anyway once it reaches 8 chunks."""
-    buf, start = "", 0
-    for piece in pieces:
-        buf = buf[start:] + piece if buf else piece
-        start = 0
-        while len(buf) - start >= chunk_chars:
-            cut = last_safe_cut(buf, specials, start, start + chunk_chars)
-            if cut <= start:  # none in this window: take the first one after it
-                cut = _first_safe_cut(buf, specials, start + chunk_chars)
-            if cut <= start:
-                if len(buf) - start < 8 * chunk_chars:
-                    break  # wait for more text
-                cut = len(buf)
-            yield buf[start:cut]
-            start = cut
-    if start < len(buf):
-        yield buf[start:]
-
-
-def read_text_pieces(
-    path: Path, clean: bool = False, read_bytes: int = _READ_BYTES
-) -> Iterator[str]:
-    """Stream a UTF-8 file as text pieces, `read_bytes` at a time.
-
-    `clean` drops a leading BOM and turns CRLF / CR into LF (as `scratchllm.data.corpus` does).
-    Empty, missing, unreadable and non-UTF-8 files are an InputError naming the file.
-    """
-    path = Path(path)
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, expected a text file") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset, first, pending_cr, empty = 0, True, "", True
-    with fh:
-        while True:
-            try:
-                data = fh.read(read_bytes)
-            except OSError as exc:
-                raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-            final = not data
-            buffered = len(decoder.getstate()[0])
-            try:
-                text = decoder.decode(data, final=final)
-            except UnicodeDecodeError as exc:
-                raise InputError(
-                    f"{path}: invalid UTF-8 at byte offset {offset - buffered + exc.start}"
-                ) from None
-            offset += len(data)
-            if clean:
-                if first and text:
-                    text, first = text.removeprefix("\ufeff"), False
-                text = pending_cr + text
-                pending_cr = ""
-                if not final and text.endswith("\r"):  # may be the first half of "\r\n"
-                    text, pending_cr = text[:-1], "\r"
-                text = text.replace("\r\n", "\n").replace("\r", "\n")
-            if text:
-                empty = False
-                yield text
-            if final:
-                break
-    if empty:
-        raise InputError(f"{path}: empty file, nothing to train on")
-
-
 def iter_file_chunks(
     paths: Iterable[str | Path],
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
     specials: Sequence[str] = (),
     clean: bool = False,
 ) -> Iterator[str]:
-    """Every file's text in safe chunks; each file is its own document."""
+    """Every file's text in pre-token-safe chunks; each file is its own document."""
     for path in paths:
         yield from split_chunks(read_text_pieces(Path(path), clean), chunk_chars, specials)
 
 
 # -- counting pre-tokens ------------------------------------------------------------------------
-_worker_state: dict[str, Any] = {}
+_Patterns = tuple[Any, Any]  # (compiled pre-token pattern, compiled specials splitter or None)
 
 
-def _init_worker(pattern: str, specials: Sequence[str]) -> None:
-    _worker_state["pattern"] = regex.compile(pattern)
-    _worker_state["specials"] = (
+def _compile(pattern: str, specials: Sequence[str]) -> _Patterns:
+    splitter = (
         regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
         if specials
         else None
     )
+    return regex.compile(pattern), splitter
 
 
-def _count_batch(batch: Sequence[str]) -> Counter[str]:
-    findall = _worker_state["pattern"].findall
-    splitter = _worker_state["specials"]
+def _count_batch(patterns: _Patterns, batch: Sequence[str]) -> tuple[Counter[str], int]:
+    """Pre-token counts of `batch` and its size in characters (for progress)."""
+    findall = patterns[0].findall
+    splitter = patterns[1]
     counts: Counter[str] = Counter()
     for text in batch:
         for segment in splitter.split(text) if splitter is not None else (text,):
             if segment:
                 counts.update(findall(segment))
-    return counts
+    return counts, sum(map(len, batch))
 
 
 def _batches(chunks: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
@@ -246,12 +127,6 @@ def _batches(chunks: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _mp_context() -> Any:
-    # fork starts workers in milliseconds and they need nothing but the regex module.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
-
-
 def count_pretokens(
     texts: Iterable[str],
     pattern: str = GPT2_PATTERN,
@@ -265,8 +140,9 @@ def count_pretokens(
     """Counts of the distinct pre-tokens (as UTF-8 bytes) of all `texts`.
 
     Each text is a separate document. Special tokens are split out and not counted. With more
-    than one worker and more than one chunk of input, chunks are counted in worker processes,
-    at most two per worker in flight, so a corpus larger than memory streams through.
+    than one worker and more than one chunk of input, chunks are counted in worker processes
+    (`scratchllm.data.pool`), a few per worker in flight, so a corpus larger than memory
+    streams through.
     """
     pattern = resolve_pattern(pattern)
     specials = check_special_tokens(special_tokens)
@@ -275,34 +151,11 @@ def count_pretokens(
     batches = _batches(chunks, chunk_chars)
     counts: Counter[str] = Counter()
     done = 0
-
-    def add(part: Counter[str], size: int) -> None:
-        nonlocal done
+    for part, size in ordered_map(_count_batch, batches, _compile(pattern, specials), workers):
         counts.update(part)
         done += size
         if progress is not None:
             progress("pretokenize", done, total)
-
-    first = next(batches, None)
-    second = next(batches, None) if first is not None else None
-    if first is None:
-        pass
-    elif workers == 1 or second is None:
-        _init_worker(pattern, specials)
-        for batch in chain([first], [second] if second else [], batches):
-            add(_count_batch(batch), sum(map(len, batch)))
-    else:
-        ctx = _mp_context()
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(pattern, specials)) as pool:
-            pending: deque[tuple[Any, int]] = deque()
-            for batch in chain([first, second], batches):
-                pending.append((pool.apply_async(_count_batch, (batch,)), sum(map(len, batch))))
-                while len(pending) >= 2 * workers:
-                    result, size = pending.popleft()
-                    add(result.get(), size)
-            while pending:
-                result, size = pending.popleft()
-                add(result.get(), size)
     out: Counter[bytes] = Counter()
     for token, n in counts.items():
         try:
@@ -517,7 +370,8 @@ def train_bpe_files(
     **kwargs: Any,
 ) -> BPETokenizer:
     """`train_bpe` on text files, streamed (each file a document; `clean`: see
-    `read_text_pieces`). Files are checked to exist before any training starts."""
+    `scratchllm.data.text.read_text_pieces`). Files are checked to exist before any training
+    starts."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise InputError("training data: no files given")
