@@ -233,6 +233,43 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, shape):
     assert tok(text, add_special_tokens=False).input_ids == ByteTokenizer().encode(text)
 
 
+NAME_MAP_CONFIGS = {
+    "gpt2": dict(qkv_bias=True, bias=True),
+    "llama": dict(
+        n_kv_heads=2,
+        head_dim=32,
+        norm="rmsnorm",
+        pos_embedding="rope",
+        ffn="swiglu",
+        qkv_bias=True,
+        bias=True,
+        qk_norm=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(NAME_MAP_CONFIGS))
+def test_name_map_covers_every_tensor_and_each_transform_inverts(family):
+    """Export is derived from the import table: every row's transform must undo itself."""
+    from scratchllm.hub.names import GPT2_NAMES, LLAMA_NAMES, expected_shapes
+
+    names = GPT2_NAMES if family == "gpt2" else LLAMA_NAMES
+    base = dict(vocab_size=VOCAB, context_length=32, emb_dim=64, n_heads=4, n_layers=2)
+    config = ModelConfig(**base, tie_embeddings=False, **NAME_MAP_CONFIGS[family])
+    shapes = expected_shapes(config)
+    rows = list(names.expand(config.n_layers, names.prefix))
+    assert sorted(r.ours for r in rows) == sorted(shapes)  # every tensor, each exactly once
+    theirs_names = [name for r in rows for name in r.sources]
+    assert len(theirs_names) == len(set(theirs_names))
+    torch.manual_seed(0)
+    for row in rows:
+        ours = torch.randn(shapes[row.ours])
+        theirs = row.transform.to_theirs(ours, config)
+        expected = row.transform.theirs_shapes(shapes[row.ours], config)
+        assert tuple(tuple(t.shape) for t in theirs) == expected, row.ours
+        assert torch.equal(row.transform.to_ours(theirs, config), ours), row.ours
+
+
 def test_export_refuses_shapes_no_architecture_holds(tmp_path, capsys):
     config = ModelConfig(
         vocab_size=VOCAB, context_length=32, emb_dim=32, n_heads=2, n_layers=1, norm="rmsnorm"

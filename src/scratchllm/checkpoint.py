@@ -6,21 +6,24 @@
     checkpoint.json      format version, task, step and any task metadata (labels, ...)
     train_state.pt       optimizer/schedule/RNG/data position; tensors and plain types only
 
-A checkpoint is written into a temporary sibling directory and renamed into place, so a crash
-during a save leaves the previous checkpoint whole. A training run keeps `checkpoint/` as the
+A checkpoint is written into a temporary sibling directory and renamed into place
+(`scratchllm.fs.atomic_dir`), so a crash during a save leaves the previous checkpoint whole.
+`write_checkpoint` is the one writer; `save_checkpoint` (a model) and the hub's import
+(streamed, converted tensors) both go through it. A training run keeps `checkpoint/` as the
 latest, the last K as `checkpoints/step-NNNNNN/` and the best by validation loss as `best/`;
-those copies are hard links to the same (never rewritten) files, so they cost no extra disk. Nothing is ever unpickled: weights come from
-safetensors and the training state is read with `torch.load(weights_only=True)`.
+those copies are hard links to the same (never rewritten) files, so they cost no extra disk.
+Nothing is ever unpickled: weights come from safetensors and the training state is read with
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +34,10 @@ from safetensors.torch import load_file, save_file
 
 from scratchllm.config import ModelConfig
 from scratchllm.errors import CheckpointError
-from scratchllm.fs import fsync_dir
+from scratchllm.fs import atomic_dir, recover_dir
 from scratchllm.model.gpt import GPTModel
 from scratchllm.tokenizers import Tokenizer, load_tokenizer
 
-log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 REQUIRED = ("config.json", "model.safetensors")
 
@@ -83,7 +85,7 @@ def model_state_for_saving(
     source = state if state is not None else base.state_dict()
     state = {k: v.detach().contiguous() for k, v in source.items()}
     tied = getattr(getattr(base, "config", None), "tie_embeddings", False)
-    if tied and not getattr(base, "num_classes", None):
+    if tied and not getattr(getattr(base, "config", None), "num_classes", None):
         state.pop("out_head.weight", None)
     return state
 
@@ -100,47 +102,45 @@ def save_checkpoint(
     """Write a checkpoint directory atomically (temp sibling, fsync, rename).
 
     `weights` overrides the model's own state dict (FSDP: the gathered full state)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     base = getattr(model, "module", model)
+    # torch.compile's OptimizedModule: `_orig_mod` is the only way back to the module (no public
+    # accessor in torch 2.x).
     base = getattr(base, "_orig_mod", base)
-    (tmp / "config.json").write_text(json.dumps(base.config.to_dict(), indent=2) + "\n")
-    save_file(
-        model_state_for_saving(base, weights),
-        str(tmp / "model.safetensors"),
-        metadata={"format": "pt"},
+    state = model_state_for_saving(base, weights)
+
+    def write_weights(file: Path) -> None:
+        save_file(state, str(file), metadata={"format": "pt"})
+
+    return write_checkpoint(
+        path, base.config, tokenizer, write_weights, meta, train_state, extra_files
     )
-    tokenizer.save(tmp / "tokenizer")
-    info = {"format_version": FORMAT_VERSION, "task": "lm", **(meta or {})}
-    (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
-    for name, data in (extra_files or {}).items():
-        (tmp / name).write_bytes(data)
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            with open(file, "rb+") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(tmp)
-    _test_hook("written")
-    _swap_into_place(tmp, path)
+
+
+def write_checkpoint(
+    path: str | Path,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    write_weights: Callable[[Path], None],
+    meta: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """The one writer of the checkpoint format, atomically (`scratchllm.fs.atomic_dir`).
+
+    `write_weights(file)` writes model.safetensors: `save_checkpoint` saves a model's state
+    dict, the hub's import streams converted tensors one at a time without holding a model."""
+    path = Path(path)
+    with atomic_dir(path, hook=_test_hook) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_weights(tmp / "model.safetensors")
+        tokenizer.save(tmp / "tokenizer")
+        info = {"format_version": FORMAT_VERSION, "task": "lm", **(meta or {})}
+        (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return path
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; the old `path` survives as `.NAME.old` until the new one is in."""
-    _recover(path)  # an earlier crash mid-swap: its .old copy is the checkpoint to replace
-    old = path.parent / f".{path.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-        _test_hook("swapping")
-    tmp.rename(path)
-    fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 _saves = {"count": 0}
@@ -172,9 +172,6 @@ def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Make `dst` an atomic copy of checkpoint `src` made of hard links (a real copy where the
     filesystem has none). Safe because checkpoint files are only ever replaced, never edited."""
     src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
 
     def link(a: str, b: str) -> None:
         try:
@@ -182,10 +179,16 @@ def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
         except OSError:
             shutil.copy2(a, b)
 
-    shutil.copytree(src, tmp, copy_function=link)
-    fsync_dir(tmp)
-    _swap_into_place(tmp, dst)
+    with atomic_dir(dst, hook=_link_hook) as tmp:
+        shutil.copytree(src, tmp, copy_function=link, dirs_exist_ok=True)
     return dst
+
+
+def _link_hook(stage: str) -> None:
+    # A link is not a save: it neither counts nor sleeps at "written", but it can be killed
+    # mid-swap like one.
+    if stage == "swapping":
+        _test_hook(stage)
 
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -203,7 +206,7 @@ def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
     for p in directory.iterdir():
         if m := _PARTIAL_STEP_DIR.match(p.name):
             if m.group(2) == "old":
-                _recover(directory / m.group(1))
+                recover_dir(directory / m.group(1))
             if p.exists():
                 shutil.rmtree(p, ignore_errors=True)
     snaps = sorted(
@@ -231,16 +234,8 @@ def update_meta(dirs: list[Path], changes: dict[str, Any]) -> None:
 def recover_interrupted_save(path: str | Path) -> None:
     """Finish a swap that a crash interrupted (for a checkpoint dir or a run dir)."""
     path = Path(path)
-    _recover(path)
-    _recover(path / "checkpoint")
-
-
-def _recover(path: Path) -> None:
-    """Finish a swap that a crash interrupted: the `.old` copy is the last complete checkpoint."""
-    old = path.parent / f".{path.name}.old"
-    if not path.exists() and old.exists():
-        log.warning("restoring %s from %s after an interrupted save", path, old)
-        old.rename(path)
+    recover_dir(path)
+    recover_dir(path / "checkpoint")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -270,7 +265,7 @@ def load_weights_into(
 ) -> None:
     """Load `state` strictly, naming the first missing, unexpected or misshapen tensor."""
     expected = model.state_dict()
-    if model.config.tie_embeddings and not getattr(model, "num_classes", None):
+    if model.config.tie_embeddings and model.config.num_classes is None:
         expected.pop("out_head.weight", None)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -325,12 +320,12 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path}: tokenizer/ is missing")
     state = load_state_dict(path)
     # Build on the meta device and adopt the loaded tensors (assign=True): one copy in memory.
+    if config.num_classes is None and meta.get("num_classes"):  # a classifier saved before
+        config = config.replace(num_classes=int(meta["num_classes"]))  # config.json held it
     with torch.device("meta"):
         model = GPTModel(config)
-        if meta.get("num_classes"):
-            model.set_classification_head(int(meta["num_classes"]))
     load_weights_into(model, state, str(path / "model.safetensors"), assign=True)
-    if config.tie_embeddings and not meta.get("num_classes"):
+    if config.tie_embeddings and config.num_classes is None:
         model.out_head.weight = model.tok_emb.weight
     if model.rope is not None:  # non-persistent buffers are not in the file: recompute
         from scratchllm.model.layers import rope_inverse_frequencies

@@ -6,6 +6,11 @@
 - `HFTokenizer`: tokenizer.json behind scratchllm's `Tokenizer` interface, with chat templates.
 - `download(name, out)`: fetch a model folder from the Hugging Face Hub (needs internet).
 
+The modules: `convert` (the two directions), `families` (config.json ⇄ `ModelConfig`),
+`names` (one tensor name map per family; export is its inverse), `tensors` (safetensors,
+pytorch_model.bin and shard reading, streamed safetensors writing), `tf` (OpenAI's GPT-2
+TensorFlow checkpoints), `download`.
+
 Names resolve lazily so that `import scratchllm.tokenizers.hf` stays light.
 """
 
