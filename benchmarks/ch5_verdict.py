@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from scratchllm.commands.pretrain import PretrainOptions, pretrain
+    from scratchllm.train.pretrain import PretrainOptions, pretrain
     from scratchllm.train.trainer import TrainerCallback
 
     data = data_dir()

@@ -71,9 +71,9 @@ def sms_domain_text(work: Path, repeat: int, seed: int) -> tuple[Path, int]:
 
 def pretrain_step(work: Path, steps: int, seed: int, sms_repeat: int) -> dict:
     from scratchllm.commands._progress import ProgressCallback
-    from scratchllm.commands.pretrain import PretrainOptions, pretrain
     from scratchllm.data.corpus import resolve_paths
     from scratchllm.tokenizers.train import train_bpe_files
+    from scratchllm.train.pretrain import PretrainOptions, pretrain
 
     clock = Clock()
     data = data_dir() / "corpora"

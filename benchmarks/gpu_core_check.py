@@ -27,8 +27,8 @@ def main() -> None:
 
     from scratchllm import GPTModel, ModelConfig
     from scratchllm.checkpoint import load_checkpoint
-    from scratchllm.commands.pretrain import PretrainOptions, pretrain
     from scratchllm.inference.generate import generate_text
+    from scratchllm.train.pretrain import PretrainOptions, pretrain
     from scratchllm.train.trainer import TrainerCallback
 
     assert torch.cuda.is_available(), "no CUDA device"

@@ -69,8 +69,9 @@ def model_config(shape: dict, vocab: int = 50257):
 def scratch_run(shape, tokens, tok, dtype, warmup, steps, **train_kw) -> dict:
     """Train through the real Trainer; tokens/s of the steps after `warmup`."""
     from scratchllm.model.gpt import GPTModel
+    from scratchllm.train.settings import TrainConfig
     from scratchllm.train.tasks import LMTask
-    from scratchllm.train.trainer import TrainConfig, Trainer
+    from scratchllm.train.trainer import Trainer
 
     attention = train_kw.pop("attention", "sdpa")
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def hf_run(shape, tokens, dtype, warmup, steps, optimizer_impl="auto") -> dict:
 
     from scratchllm.data.loader import BatchLoader
     from scratchllm.train.optim import build_optimizer
-    from scratchllm.train.trainer import TrainConfig
+    from scratchllm.train.settings import TrainConfig
 
     torch.manual_seed(0)
     cfg = GPT2Config(
@@ -169,7 +170,7 @@ def adamw_kernels(shape, reps: int) -> dict:
     """Optimizer step alone on this model's parameters (random gradients): fused vs foreach."""
     from scratchllm.model.gpt import GPTModel
     from scratchllm.train.optim import build_optimizer
-    from scratchllm.train.trainer import TrainConfig
+    from scratchllm.train.settings import TrainConfig
 
     model = GPTModel(model_config(shape))
     for p in model.parameters():
@@ -207,12 +208,13 @@ def medium_child(steps: int) -> None:
     from scratchllm.config import ModelConfig
     from scratchllm.model.gpt import GPTModel
     from scratchllm.train.optim import build_optimizer
-    from scratchllm.train.trainer import TrainConfig
+    from scratchllm.train.parallelize import checkpoint_blocks
+    from scratchllm.train.settings import TrainConfig
 
     torch.manual_seed(0)
     config = ModelConfig.from_preset("gpt2-medium", drop_rate=0.0)
     model = GPTModel(config)
-    model.activation_checkpointing = True
+    checkpoint_blocks(model)
     model.train()
     opt = build_optimizer(model, TrainConfig(), torch.device("cpu"))
     tokens = torch.randint(0, config.vocab_size, (4, 1025))

@@ -22,8 +22,9 @@ from scratchllm.checkpoint import (
     prune_checkpoints,
 )
 from scratchllm.errors import CheckpointError
+from scratchllm.train.settings import TrainConfig
 from scratchllm.train.tasks import LMTask
-from scratchllm.train.trainer import TrainConfig, Trainer, TrainerCallback, TrainingDiverged
+from scratchllm.train.trainer import Trainer, TrainerCallback, TrainingDiverged
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS = 14
@@ -281,7 +282,9 @@ def test_speed_switches_keep_logits_and_gradients(switch, monkeypatch):
     idx = torch.randint(0, 301, (3, 16))
     torch.manual_seed(1)  # same dropout masks in both passes
     ref_logits, ref_grads = _grads(model, idx)
-    setattr(model, switch, 64 if switch == "vocab_multiple" else True)
+    from scratchllm.train.parallelize import parallelize
+
+    parallelize(model, torch.device("cpu"), **{switch: 64 if switch == "vocab_multiple" else True})
     torch.manual_seed(1)
     logits, grads = _grads(model, idx)
     assert logits.shape == (3, 16, 301)  # padded rows never reach the caller

@@ -9,10 +9,11 @@ import torch
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
 from scratchllm.checkpoint import load_checkpoint, load_state_dict
-from scratchllm.commands.pretrain import PretrainOptions, pretrain
+from scratchllm.train.pretrain import PretrainOptions, pretrain
 from scratchllm.train.schedule import lr_at
+from scratchllm.train.settings import TrainConfig
 from scratchllm.train.tasks import LMTask
-from scratchllm.train.trainer import TrainConfig, Trainer, TrainerCallback
+from scratchllm.train.trainer import Trainer, TrainerCallback
 
 
 def tiny_config(tmp_path, **kw):

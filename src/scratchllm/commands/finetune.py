@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from scratchllm import settings
 from scratchllm.errors import InputError
 
 HELP = "fine-tune a checkpoint: classifier, instructions, LoRA, DPO"
@@ -27,31 +28,24 @@ classify) and results.json into --out. With --lora-rank, adapters are also saved
 """
 
 
-def _common(p: argparse.ArgumentParser, lr: float, epochs: float, train_help: str) -> None:
-    a = p.add_argument
-    a("--checkpoint", required=True, help="base checkpoint (or run) directory")
-    a("--data", required=True, help="training data file")
-    a("--out", required=True, help="run directory for checkpoint/, metrics, results.json")
-    a("--epochs", type=float, default=epochs, help=f"passes over the training split ({epochs:g})")
-    a("--batch-size", type=int, default=8, help="examples per batch (8)")
-    a("--lr", type=float, default=lr, help=f"peak learning rate ({lr:g})")
-    a("--seed", type=int, default=123, help="seed for split, shuffling and init (123)")
-    a("--lora-rank", type=int, default=0, help="LoRA rank (0 = no LoRA, train --train layers)")
-    a("--lora-alpha", type=float, default=16.0, help="LoRA alpha; updates scale by alpha/rank")
-    a("--lora-targets", default="attn,ff", help="layers LoRA wraps: attn, ff or attn,ff")
-    a("--train", help=train_help)
-    a("--max-length", type=int, help="tokens per example (default: the model's context length)")
-    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay (0.1)")
-    a("--warmup-steps", type=int, help="linear warmup steps (default 5%% of steps)")
-    a("--dropout", type=float, help="override the checkpoint's dropout rate")
-    a("--eval-batches", type=int, default=50, help="batches per split at each evaluation (50)")
-    a("--device", default="auto", help="auto | cpu | cuda | mps")
+def _tasks() -> dict[str, type]:
+    from scratchllm.finetune.classify import ClassifyOptions
+    from scratchllm.finetune.instruct import InstructOptions
+    from scratchllm.finetune.preference import DPOOptions
+
+    # Each task's own defaults for the shared settings (the library's FinetuneOptions: 3 epochs).
+    return {
+        "classify": settings.with_defaults(ClassifyOptions, epochs=5.0),
+        "instruct": settings.with_defaults(InstructOptions, epochs=2.0),
+        "dpo": settings.with_defaults(DPOOptions, epochs=1.0, lr=5e-6),
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    tasks = _tasks()
     sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
     c = sub.add_parser("classify", help="text classification head (ch. 6)")
-    _common(c, 5e-5, 5.0, "what trains: head | last-N (blocks + final norm + head) | all (last-1)")
+    settings.add_flags(c, tasks["classify"])
     c.add_argument("--balance", action="store_true", help="undersample classes to the smallest")
     c.add_argument(
         "--append-eot",
@@ -59,14 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="end each text with <|endoftext|> and classify from that token's state",
     )
     i = sub.add_parser("instruct", help="instruction fine-tuning on Alpaca-format data (ch. 7)")
-    _common(i, 5e-5, 2.0, "what trains: head | last-N | all (all)")
+    settings.add_flags(i, tasks["instruct"])
     i.add_argument("--template", choices=["alpaca", "phi3"], default="alpaca", help="prompt style")
     i.add_argument("--mask-prompt", action="store_true", help="no loss on the prompt tokens")
     i.add_argument(
         "--generate-tokens", type=int, default=256, help="tokens per test response (0: skip)"
     )
     d = sub.add_parser("dpo", help="direct preference optimisation (ch. 7 bonus)")
-    _common(d, 5e-6, 1.0, "what trains: head | last-N | all (all)")
+    settings.add_flags(d, tasks["dpo"])
     d.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (0.1)")
     d.add_argument("--template", choices=["alpaca", "phi3"], default="alpaca", help="prompt style")
     j = sub.add_parser("judge", help="score test_responses.json with an OpenAI-compatible judge")
@@ -78,28 +72,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--out", help="write the scores here (default: RESPONSES with .scores.json)")
 
 
-def _options(cls, args: argparse.Namespace):
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-
-
 def run(args: argparse.Namespace) -> int:
-    from scratchllm.commands._progress import ProgressCallback
-
     if args.task == "judge":
         return _judge(args)
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    out = Path(args.out)
+    cls = _tasks()[args.task]
+    with settings.flags_in_errors(cls):
+        return _finetune(cls, args)
+
+
+def _finetune(cls: type, args: argparse.Namespace) -> int:
+    from scratchllm.commands._progress import ProgressCallback
+
+    opts = settings.from_args(cls, args)
+    out = Path(opts.out)
     if (out / "results.json").exists() or (out / "checkpoint").exists():
         raise InputError(f"--out {out} already holds a run; pick a new directory")
     callback = ProgressCallback(show_samples=args.task == "instruct")
     if args.task == "classify":
-        from scratchllm.finetune.classify import ClassifyOptions, finetune_classify
+        from scratchllm.finetune.classify import finetune_classify
 
-        r = finetune_classify(_options(ClassifyOptions, args), callback)
+        r = finetune_classify(opts, callback)
         _params(r)
         for name in ("train", "val", "test"):
             print(f"{name}: accuracy {r[f'{name}_accuracy']:.4f}  loss {r[f'{name}_loss']:.4f}")
@@ -107,9 +99,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.task == "instruct":
         from tqdm import tqdm
 
-        from scratchllm.finetune.instruct import InstructOptions, finetune_instruct
+        from scratchllm.finetune.instruct import finetune_instruct
 
-        opts = _options(InstructOptions, args)
         bar = None
 
         def progress(n: int) -> None:
@@ -126,17 +117,20 @@ def run(args: argparse.Namespace) -> int:
         if "responses" in r:
             print(f"test responses: {r['responses']}")
     else:
-        from scratchllm.finetune.preference import DPOOptions, finetune_dpo
+        from scratchllm.finetune.preference import finetune_dpo
 
-        r = finetune_dpo(_options(DPOOptions, args), callback)
+        r = finetune_dpo(opts, callback)
         _params(r)
         print(
             f"val: loss {r['val_loss']:.4f}  reward margin {r['val_reward_margin']:.4f}  "
             f"accuracy {r['val_accuracy']:.4f}"
         )
     if r.get("truncated"):
+        n, dropped = r["truncated"], r.get("dropped", 0)
+        gone = f" ({dropped} dropped: no response left)" if dropped else ""
         print(
-            f"warning: {r['truncated']} examples were longer than the allowed length and were cut"
+            f"warning: {n} {'example' if n == 1 else 'examples'} longer than the allowed length "
+            f"{'was' if n == 1 else 'were'} cut{gone}"
         )
     print(f"checkpoint: {r['checkpoint']}")
     print(f"results: {out / 'results.json'}  metrics: {out / 'metrics.jsonl'}")
@@ -179,6 +173,7 @@ def _judge(args: argparse.Namespace) -> int:
         else "no scores"
     )
     if result["unparsed"]:
-        print(f"warning: {result['unparsed']} replies held no number")
+        n = result["unparsed"]
+        print(f"warning: {n} {'reply' if n == 1 else 'replies'} held no number")
     print(f"scores: {out}")
     return 0

@@ -27,8 +27,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from scratchllm.checkpoint import load_checkpoint
-    from scratchllm.commands.pretrain import PretrainOptions, pretrain
+    from scratchllm.commands._progress import ProgressCallback
     from scratchllm.inference.generate import generate_text
+    from scratchllm.train.pretrain import PretrainOptions, pretrain
 
     out = Path(args.out)
     if (out / "checkpoint").exists():
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         sampling="random",
     )
     start = time.perf_counter()
-    result = pretrain(opts)
+    result = pretrain(opts, ProgressCallback())
     first, last = result["first_eval"]["val_loss"], result["last_eval"]["val_loss"]
     print(
         f"\ntrained {result['parameters']:,} parameters for {result['steps']} steps "

@@ -4,6 +4,8 @@
   instruct.py    Alpaca-style instruction data, masked next-token loss, responses for the test split
   preference.py  DPO against a frozen reference model
   judge.py       scores responses through an OpenAI-compatible chat endpoint
+  runner.py      `FinetuneRun`: the one start-to-end sequence of a run, which each task fills in
+  tasks.py       `ShuffledTask`: the epoch-shuffled, resumable batches each task subclasses
 
 This module holds what the tasks share: options, choosing what trains, LoRA bookkeeping, saving.
 """
@@ -21,42 +23,44 @@ import torch
 
 from scratchllm.errors import InputError
 from scratchllm.fs import atomic_write_bytes, atomic_write_text
+from scratchllm.settings import SettingError, setting
+from scratchllm.train.settings import OptimSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FinetuneOptions:
-    """Options every fine-tuning task takes (the CLI flags of `scratchllm finetune`)."""
+@dataclass(kw_only=True)
+class FinetuneOptions(OptimSettings):
+    """Options every fine-tuning task takes (the flags of `scratchllm finetune TASK`)."""
 
-    checkpoint: str
-    data: str
-    out: str
-    epochs: float = 3.0
-    batch_size: int = 8
+    checkpoint: str = setting(help="base checkpoint (or run) directory")
+    data: str = setting(help="training data file")
+    out: str = setting(help="run directory for checkpoint/, metrics, results.json")
+    lora_rank: int = setting(0, help="LoRA rank (0 = no LoRA: `train` picks whole layers)")
+    lora_alpha: float = setting(16.0, help="LoRA alpha; updates scale by alpha/rank")
+    lora_targets: str = setting("attn,ff", help="layers LoRA wraps: attn, ff or attn,ff")
+    train: str | None = setting(
+        None,
+        help="what trains: head | last-N (the last N blocks + final norm + head) | all "
+        "(default: last-1 for classify, all for instruct and dpo)",
+    )
+    max_length: int | None = setting(
+        None, help="tokens per example (default: the model's context length)"
+    )
+    dropout: float | None = setting(None, help="override the checkpoint's dropout rate")
+    # Fine-tuning's own defaults for the shared optimisation settings (their help is shared).
+    epochs: float | None = 3.0
     lr: float = 5e-5
-    seed: int = 123
-    lora_rank: int = 0  # 0: no LoRA
-    lora_alpha: float = 16.0
-    lora_targets: str = "attn,ff"
-    train: str | None = None  # head | last-N | all; None: the task's default
-    device: str = "auto"
-    weight_decay: float = 0.1
     eval_batches: int = 50
-    max_length: int | None = None  # tokens per example; default: the model's context length
-    grad_clip: float = 1.0
-    warmup_steps: int | None = None
-    dropout: float | None = None  # override the checkpoint's dropout rate
 
     def validate(self) -> None:
+        super().validate()
         if self.lora_rank < 0:
-            raise InputError(f"--lora-rank must be ≥ 0, got {self.lora_rank}")
+            raise SettingError("lora_rank", f"must be ≥ 0, got {self.lora_rank}")
         if self.lora_rank and not self.lora_alpha > 0:
-            raise InputError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+            raise SettingError("lora_alpha", f"must be > 0, got {self.lora_alpha}")
         if self.max_length is not None and self.max_length < 2:
-            raise InputError(f"--max-length must be ≥ 2, got {self.max_length}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise InputError(f"--epochs must be > 0, got {self.epochs}")
+            raise SettingError("max_length", f"must be ≥ 2, got {self.max_length}")
 
 
 def select_trainable(model: torch.nn.Module, spec: str) -> None:
@@ -243,21 +247,18 @@ def run_trainer(
     """
     import time
 
-    from scratchllm.train.trainer import TrainConfig, Trainer
+    from scratchllm.settings import project
+    from scratchllm.train.settings import TrainConfig
+    from scratchllm.train.trainer import Trainer
 
     spe = max(1, task.steps_per_epoch())
-    config = TrainConfig(
-        epochs=opts.epochs,
-        batch_size=opts.batch_size,
-        lr=opts.lr,
-        warmup_steps=opts.warmup_steps,
-        weight_decay=opts.weight_decay,
-        grad_clip=opts.grad_clip or None,
+    # The shared optimisation settings come from `opts`; the task decides the bookkeeping.
+    config = project(
+        opts,
+        TrainConfig,
         eval_every=eval_every,
-        eval_batches=opts.eval_batches,
         log_every=max(1, min(10, spe)),
         device=str(device),
-        seed=opts.seed,
         sample_tokens=sample_tokens,
     )
     if "lora" in info:

@@ -12,7 +12,7 @@ import torch
 _AUTO_IMPL = {"cuda": "fused", "cpu": "fused"}
 
 if TYPE_CHECKING:
-    from scratchllm.train.trainer import TrainConfig
+    from scratchllm.train.settings import TrainConfig
 
 
 def build_optimizer(

@@ -9,7 +9,7 @@ It also survives and scales: checkpoints hold everything an exact resume needs (
 optimizer, schedule step, accumulation position, per-rank RNG, data position); SIGINT/SIGTERM
 stop at the next step boundary with a save; a NaN/inf loss stops before any bad weights are
 saved; under torchrun the model is wrapped in DDP or FSDP2 (see `train/distributed.py`) and only
-rank 0 writes. Tokens/s, MFU (against a matmul peak measured in-process) and peak memory go to
+rank 0 writes. Tokens/s, MFU (against the hardware's peak for the dtype) and peak memory go to
 the callback and `metrics.jsonl`. The trainer never prints: it reports to a `TrainerCallback`.
 """
 
@@ -43,7 +43,9 @@ from scratchllm.tokenizers import Tokenizer
 from scratchllm.train import distributed as D
 from scratchllm.train.metrics import MetricsLog, plot_losses
 from scratchllm.train.optim import build_optimizer
+from scratchllm.train.parallelize import parallelize
 from scratchllm.train.schedule import lr_at
+from scratchllm.train.settings import TrainConfig
 from scratchllm.train.state import (
     _rng_from_plain,
     _rng_to_plain,
@@ -51,7 +53,7 @@ from scratchllm.train.state import (
     rng_state,
     set_rng_state,
 )
-from scratchllm.train.throughput import cpu_has_native_bf16, measure_peak_flops, peak_memory_gib
+from scratchllm.train.throughput import Peak, cpu_has_native_bf16, hardware_peak, peak_memory_gib
 from scratchllm.utils import parse_dtype, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -61,70 +63,14 @@ class TrainingDiverged(ScratchLLMError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation and bookkeeping settings of one run."""
-
-    max_steps: int | None = None  # optimizer steps; with `epochs` the smaller one wins
-    epochs: float | None = None
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    lr: float = 4e-4
-    min_lr: float | None = None  # cosine floor; defaults to lr / 10
-    warmup_steps: int | None = None  # defaults to 5% of the steps (at most 200)
-    schedule: str = "cosine"  # or "constant"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float | None = 1.0
-    eval_every: int = 100
-    eval_batches: int = 20
-    save_every: int = 0  # 0: save at each evaluation and at the end
-    log_every: int = 10
-    dtype: str = "float32"  # autocast dtype: float32 (off) or bfloat16
-    device: str = "auto"
-    seed: int = 123
-    sample_tokens: int = 40
-    keep_last: int = 2  # step-NNNNNN snapshots kept under checkpoints/ (0: none)
-    optimizer_impl: str = "auto"  # AdamW kernel: auto | fused | foreach
-    compile: bool = False  # torch.compile the training forward/backward
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory
-    fsdp: bool = False  # under torchrun: FSDP2 fully_shard instead of DDP
-    measure_mfu: bool = True  # time a matmul at start to have a peak for MFU
-    tensorboard: bool = False  # also log scalars to out_dir/tensorboard (needs tensorboard)
-    vocab_multiple: int | None = None  # pad the output matmul's rows; None: 64 on CUDA, else 1
-
-    def validate(self) -> None:
-        for name in ("batch_size", "grad_accum_steps", "eval_every", "eval_batches", "log_every"):
-            if getattr(self, name) < 1:
-                raise InputError(
-                    f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}"
-                )
-        if self.max_steps is not None and self.max_steps < 1:
-            raise InputError(f"--max-steps must be ≥ 1, got {self.max_steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise InputError(f"--epochs must be > 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be > 0, got {self.lr}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise InputError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise InputError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        if self.keep_last < 0:
-            raise InputError(f"--keep-last must be ≥ 0, got {self.keep_last}")
-        if self.vocab_multiple is not None and self.vocab_multiple < 1:
-            raise InputError(f"--vocab-multiple must be ≥ 1, got {self.vocab_multiple}")
-        if self.optimizer_impl not in ("auto", "fused", "foreach"):
-            raise InputError(
-                f"optimizer_impl must be auto, fused or foreach, got {self.optimizer_impl!r}"
-            )
-
-
 class Task(Protocol):
     """What a training task provides. Batches are whatever `loss` understands.
 
     Under torchrun `loss` receives the wrapped (DDP/FSDP/compiled) model; `evaluate` and
-    `sample` receive the plain module."""
+    `sample` receive the plain module.
+
+    `tokens_in` is the tokens the model processes: the batch's non-padding input tokens (both
+    sequences of a DPO pair), whatever the loss masks, so tokens/s and MFU compare across tasks."""
 
     def steps_per_epoch(self) -> int: ...  # micro-batches in one pass over the training data
 
@@ -197,22 +143,16 @@ class Trainer:
         if config.fsdp and not self.dist.enabled:
             log.warning("--fsdp has no effect in a single process; training unsharded")
         self.model = model.to(self.device)
-        if config.activation_checkpointing:
-            if not hasattr(self.model, "activation_checkpointing"):
-                raise InputError(
-                    f"activation checkpointing: {type(model).__name__} has no block loop to "
-                    "checkpoint"
-                )
-            self.model.activation_checkpointing = True
-        multiple = config.vocab_multiple
-        if multiple is None:  # measured: +38% tokens/s on an H100 (docs/training.md); CPU: off
-            multiple = 64 if self.device.type == "cuda" else 1
-        if hasattr(self.model, "vocab_multiple"):
-            self.model.vocab_multiple = multiple
-        self.train_model: torch.nn.Module = D.wrap_model(self.model, self.device, config.fsdp)
+        self.train_model: torch.nn.Module = parallelize(
+            self.model,
+            self.device,
+            fsdp=config.fsdp,
+            compile=config.compile,
+            activation_checkpointing=config.activation_checkpointing,
+            vocab_multiple=config.vocab_multiple,
+        )
+        # DDP's no_sync (reached through a torch.compile wrapper too); None for FSDP2 or 1 rank.
         self._ddp = self.train_model if hasattr(self.train_model, "no_sync") else None
-        if config.compile:
-            self.train_model = torch.compile(self.train_model)
         self.task = task
         self.out_dir = Path(out_dir)
         self.tokenizer = tokenizer
@@ -244,7 +184,8 @@ class Trainer:
             )
         self.first_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
-        self.peak_flops: float | None = None  # per device, measured at the start of fit()
+        self.peak_flops: float | None = None  # per device, found at the start of fit()
+        self.peak: Peak | None = None  # what `peak_flops` is: its dtype and source
         self._tb = None
 
     @property
@@ -411,9 +352,8 @@ class Trainer:
 
     def _setup_observability(self) -> None:
         if self.config.measure_mfu and self.peak_flops is None:
-            # A GPU needs a big matmul to reach its peak (1024 gives a third of an H100's).
-            size = 8192 if self.device.type == "cuda" else 1024
-            self.peak_flops = measure_peak_flops(self.device, self.autocast_dtype, size)
+            self.peak = hardware_peak(self.device, self.autocast_dtype)
+            self.peak_flops = self.peak.flops
         if self.config.tensorboard and self.is_main and self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
