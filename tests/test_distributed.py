@@ -134,11 +134,19 @@ def single(data_dir, tmp_path_factory):
     return tmp
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# The wrappers of train/parallelize.py compose: FSDP2 over checkpointed blocks and a padded head.
+MODES = {
+    "ddp": [],
+    "fsdp": ["--fsdp"],
+    "fsdp-ac-pad": ["--fsdp", "--activation-checkpointing", "--vocab-multiple", "64"],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_two_ranks_match_one_process_and_only_rank0_writes(single, data_dir, mode):
     tmp = single
     out = f"two-{mode}"
-    done = _torchrun(data_dir, tmp, out, extra=["--fsdp"] if mode == "fsdp" else [])
+    done = _torchrun(data_dir, tmp, out, extra=MODES[mode])
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     # Same global batch (2 ranks x 2 = 1 x 4), same windows: the same losses step by step.
     one, two = _losses(tmp / "one"), _losses(tmp / out)

@@ -338,10 +338,9 @@ def test_a_second_ctrl_c_during_the_update_waits_for_it_to_end():
         os.kill(os.getpid(), signal.SIGINT)  # the first asks for a stop at the next boundary
         assert stop.signal == "SIGINT"
         finished = False
-        with pytest.raises(KeyboardInterrupt):
-            with stop.held():
-                os.kill(os.getpid(), signal.SIGINT)  # the second, mid-update: deferred
-                finished = True
+        with pytest.raises(KeyboardInterrupt), stop.held():
+            os.kill(os.getpid(), signal.SIGINT)  # the second, mid-update: deferred
+            finished = True
         assert finished
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # outside the update: at once

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +47,9 @@ class ModelConfig:
     # Std of the embedding init. None: 1.0 (PyTorch's nn.Embedding default, the book's model)
     # when the head is untied, 0.02 (GPT-2) when it is tied, since the head then shares it.
     emb_init_std: float | None = None
+    # A classifier (ch. 6): the head maps the final states to this many classes, not to the
+    # vocabulary, and is never tied. None: the language-model head.
+    num_classes: int | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +96,15 @@ class ModelConfig:
             )
         if self.ffn not in ("gelu", "swiglu"):
             raise InputError(f"model config: 'ffn' must be gelu or swiglu, got {self.ffn!r}")
+        if self.num_classes is not None and (
+            not isinstance(self.num_classes, int)
+            or isinstance(self.num_classes, bool)
+            or self.num_classes < 1
+        ):
+            raise InputError(
+                f"model config: 'num_classes' must be a positive integer or null, "
+                f"got {self.num_classes!r}"
+            )
         if self.pos_embedding == "rope" and self.head_size % 2:
             raise InputError(f"model config: RoPE needs an even head size, got {self.head_size}")
 
@@ -157,12 +168,13 @@ class ModelConfig:
 
     def matmul_parameters(self) -> int:
         """Weights that take part in a matmul per token: attention, feed-forward, output head."""
+        head = self.num_classes or self.vocab_size
         d, hd = self.emb_dim, self.head_size
         q = d * self.n_heads * hd
         kv = 2 * d * self.kv_heads * hd
         out = self.n_heads * hd * d
         ffn = (3 if self.ffn == "swiglu" else 2) * d * self.ffn_dim
-        return self.n_layers * (q + kv + out + ffn) + d * self.vocab_size
+        return self.n_layers * (q + kv + out + ffn) + d * head
 
 
 # What the modern architectures share: RMSNorm, RoPE, SwiGLU, GQA, no biases, tied head.
@@ -231,7 +243,3 @@ def resolve_model_config(spec: str) -> ModelConfig:
     raise InputError(
         f"--model {spec!r}: not a preset ({', '.join(PRESETS)}) and not a config JSON file"
     )
-
-
-def ceil_to(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)

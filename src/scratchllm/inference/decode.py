@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from torch.nn.modules import module as module_hooks
 
 from scratchllm.errors import InputError
-from scratchllm.model.attention import BatchKVCache, KVCache, MultiHeadAttention
+from scratchllm.model.attention import (
+    BatchKVCache,
+    KVCache,
+    MultiHeadAttention,
+    scaled_dot_product_attention,
+)
 from scratchllm.model.gpt import GPTModel, TransformerBlock
 from scratchllm.model.layers import apply_rope
 
@@ -44,7 +49,6 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
     heads, kv_heads, head_dim = att.n_heads, att.kv_heads, att.head_dim
     q_end = att.q_dim
     k_end = att.q_dim + att.kv_dim
-    gqa = heads != kv_heads
     layer = att.layer_idx
 
     def step(x, rope, cache, mask):
@@ -59,7 +63,7 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(layer, k, v)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        a = scaled_dot_product_attention(q, k, v, mask)
         x = x + out_proj(a.view(b, q_end))
         return x + feed_forward(norm2(x))
 
@@ -86,6 +90,7 @@ class DecodeStep:
         self.final_norm = model.final_norm.forward
         self.head = model.out_head.forward
         # The hook registries (mutated in place when a hook is added): empty = nothing to run.
+        # Private dicts: nn.Module has no public way to list registered hooks.
         self._hooks = [
             d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)
         ] + [module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks]
@@ -121,14 +126,14 @@ class DecodeStep:
                 f"token ids: sequence of {length + 1} tokens exceeds the model's context "
                 f"length {self.context_length}"
             )
-        index = positions if positions is not None else slice(length, length + 1)
         x = F.embedding(tokens, self.tok_emb)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb[index]
+            x = x + self.pos_emb[positions if positions is not None else length]
         else:
-            cos, sin = self.rope.tables(length + 1, tokens.device)
-            cos, sin = cos[index], sin[index]  # (B, hd) or (1, hd)
+            if positions is None:
+                positions = torch.arange(length, length + 1, device=tokens.device)
+            cos, sin = self.rope(positions)  # (B, hd) or (1, hd), fp32 as in GPTModel.forward
             rope = (cos[:, None, None], sin[:, None, None])  # broadcast over (B, H, 1, hd)
         for layer in self.layers:
             x = layer(x, rope, cache, attn_mask)

@@ -7,9 +7,34 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from scratchllm.config import ModelConfig
 from scratchllm.model.layers import RMSNorm, apply_rope
+
+# SDPA shares key/value heads among query heads itself (`enable_gqa`) from torch 2.5 on; before,
+# the keys and values are repeated to one per query head, the same numbers at more memory.
+SDPA_HAS_GQA = TorchVersion(torch.__version__) >= (2, 5)
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` over (B, H, T, D) queries and (B, KV, S, D) keys and
+    values, KV dividing H (grouped-query attention), on every torch the package supports."""
+    if k.shape[1] != q.shape[1]:
+        if SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=True
+            )
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
 
 
 class KVCache:
@@ -250,16 +275,11 @@ class MultiHeadAttention(nn.Module):
 
     def _sdpa(self, q, k, v, attn_mask, dropout) -> torch.Tensor:
         q_len, k_len = q.shape[2], k.shape[2]
-        gqa = self.kv_heads != self.n_heads
         if attn_mask is None and q_len == k_len:
-            return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa
-            )
+            return scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         if attn_mask is None and q_len > 1:
             attn_mask = causal_mask(q_len, k_len, q.device)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=gqa
-        )
+        return scaled_dot_product_attention(q, k, v, attn_mask, dropout)
 
     def _explicit(self, q, k, v, attn_mask, dropout) -> torch.Tensor:
         if self.kv_heads != self.n_heads:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from scratchllm.config import ModelConfig
@@ -52,13 +52,12 @@ class GPTModel(nn.Module):
             [TransformerBlock(config, i) for i in range(config.n_layers)]
         )
         self.final_norm = make_norm(config)
-        self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.out_head.weight = self.tok_emb.weight
-        # Recompute each block's activations in backward instead of storing them (training only).
-        self.activation_checkpointing = False
-        # Pad the output matmul to a multiple of this many rows (1: off); weights stay as they are.
-        self.vocab_multiple = 1
+        if config.num_classes is not None:  # a classifier: its own head, with a bias (ch. 6)
+            self.out_head = nn.Linear(config.emb_dim, config.num_classes)
+        else:
+            self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.out_head.weight = self.tok_emb.weight
         self.reset_parameters()
 
     # -- initialisation ------------------------------------------------------------------------
@@ -85,10 +84,11 @@ class GPTModel(nn.Module):
         return 0.02 if self.config.tie_embeddings else 1.0
 
     def set_classification_head(self, num_classes: int) -> None:
-        """Replace the vocabulary head by a `num_classes` linear head (ch. 6); unties it."""
+        """Make this model a `num_classes` classifier (ch. 6): a new, untied linear head with
+        PyTorch's default initialisation, and `config.num_classes` set to match."""
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
         p = self.tok_emb.weight
         self.out_head = nn.Linear(self.config.emb_dim, num_classes, device=p.device, dtype=p.dtype)
-        self.num_classes = num_classes
 
     def set_attention_impl(self, impl: str) -> None:
         """'sdpa' (fused kernels) or 'explicit' (the book's masked softmax, for reference)."""
@@ -109,61 +109,41 @@ class GPTModel(nn.Module):
         """Token ids (B, T) → logits (B, T, vocab); `return_hidden` gives the final-norm states.
 
         With a cache, the new tokens follow the `cache.length` positions already stored.
-        `positions` (T,) or (B, T) and `attn_mask` (B, 1, T, T_total) serve padded batches.
+        `positions` (T,) or (B, T) and `attn_mask` (B, 1, T, T_total) serve padded batches;
+        explicit positions stay below `cache.length + T`, the host-side length checked against
+        the context, so that nothing is read back from the device.
         """
         if idx.dim() != 2:
             raise InputError(
                 f"token ids: expected a (batch, time) tensor, got shape {tuple(idx.shape)}"
             )
         b, t = idx.shape
-        start = cache.length if cache is not None else 0
+        start = cache.length if cache is not None else 0  # a host int: no device read
+        if start + t > self.config.context_length:
+            raise InputError(
+                f"token ids: sequence of {start + t} tokens exceeds the model's context "
+                f"length {self.config.context_length}"
+            )
         if positions is None:
             positions = torch.arange(start, start + t, device=idx.device)
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
-            if start + t > self.config.context_length:
-                raise InputError(
-                    f"token ids: sequence of {start + t} tokens exceeds the model's context "
-                    f"length {self.config.context_length}"
-                )
             x = x + self.pos_emb(positions)
         else:
-            cos, sin = self.rope.tables(int(positions.max()) + 1, idx.device)
-            cos, sin = cos[positions], sin[positions]
+            cos, sin = self.rope(positions)
             if positions.dim() == 2:  # per-sequence positions: broadcast over heads
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             rope = (cos, sin)
         x = self.drop_emb(x)
-        checkpointing = (
-            self.activation_checkpointing
-            and self.training
-            and cache is None
-            and torch.is_grad_enabled()
-        )
         for block in self.trf_blocks:
-            if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(
-                    block, x, rope, None, attn_mask, use_reentrant=False
-                )
-            else:
-                x = block(x, rope, cache, attn_mask)
+            x = block(x, rope, cache, attn_mask)
         if cache is not None:
             cache.advance(t)
         x = self.final_norm(x)
         if return_hidden:
             return x
-        head = self.out_head
-        plain = type(head) is nn.Linear and not getattr(self, "num_classes", None)
-        pad = -head.out_features % self.vocab_multiple if plain and self.vocab_multiple > 1 else 0
-        if pad:
-            # Multiply by a weight padded to a multiple of `vocab_multiple` rows (GPU matmul
-            # tiles: 2x faster head on an H100 for 50257 -> 50304), then drop the extra logits:
-            # outputs and gradients are exactly those of the real vocabulary.
-            weight = torch.nn.functional.pad(head.weight, (0, 0, 0, pad))
-            bias = None if head.bias is None else torch.nn.functional.pad(head.bias, (0, pad))
-            return torch.nn.functional.linear(x, weight, bias)[..., : head.out_features]
-        return head(x)
+        return self.out_head(x)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -106,26 +107,42 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Cos/sin tables for rotary position embeddings, grown on demand (half-split layout)."""
+    """Cos/sin of rotary position embeddings (half-split layout), always in float32.
+
+    Computed per forward from the positions, as transformers does: a few element-wise ops on
+    (T, head_size) values, no table to grow (no host read of the largest position) and nothing
+    that a long context would preallocate.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
-        self._cos: torch.Tensor | None = None
-        self._sin: torch.Tensor | None = None
 
-    def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
-            size = max(length, 256)
-            t = torch.arange(size, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self._cos, self._sin = emb.cos(), emb.sin()
-        return self._cos, self._sin
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> RotaryEmbedding:
+        # Overrides nn.Module's private `_apply`: every .to()/.half() lands here, no public hook.
+        # `model.to(torch.bfloat16)` would round the frequencies to 8 bits, and the angle error
+        # grows with position (0.2 rad at position 2000 for frequency 0.1): keep them fp32.
+        exact = self.inv_freq
+        super()._apply(fn, recurse)
+        moved = self.inv_freq
+        if moved.dtype != torch.float32 and not exact.is_meta:
+            self.inv_freq = exact.to(device=moved.device, dtype=torch.float32)
+        return self
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) or (B, T) → float32 cos and sin of shape (..., head_size)."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (B, H, T, D) by position; `cos`/`sin` are (T, D) or (B, 1, T, D)."""
+    """Rotate `x` (B, H, T, D) by position; `cos`/`sin` are (T, D) or (B, 1, T, D).
+
+    In float32 whatever the dtype of `x` (the tables are float32), cast back to it at the end.
+    """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)

@@ -1,9 +1,13 @@
-"""Distributed training on PyTorch's own engine: torchrun env vars → process group → DDP/FSDP2.
+"""Distributed training on PyTorch's own engine: torchrun env vars → the process group.
 
 `torchrun --nproc_per_node=N -m scratchllm pretrain ...` sets RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT; `init_distributed()` reads them and joins the group (gloo on CPU,
 NCCL on CUDA, each rank on its own GPU `cuda:LOCAL_RANK`). Without those variables everything
 here is a no-op and the run is a plain single process. Only rank 0 writes files.
+
+The model is wrapped for DDP or FSDP2 by `scratchllm.train.parallelize`; this module holds the
+process-group helpers, and the ones that see through those wrappers (`unwrap`, `is_fsdp`,
+`full_state_dict`).
 """
 
 from __future__ import annotations
@@ -86,15 +90,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """The mean of `value` over all ranks (itself for one process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
-
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when `flag` is true on any rank: a stop request on one rank stops them all together."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -104,27 +99,10 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def wrap_model(model: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
-    """DDP (every rank holds the whole model) or FSDP2 `fully_shard` (parameters sharded
-    per transformer block, then the root). Returns the module the training step calls."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return model
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in getattr(model, "trf_blocks", []):
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP or torch.compile wrappers (FSDP2 shards in place)."""
     while True:
+        # `_orig_mod`: torch.compile's wrapper has no public accessor for the module it wraps.
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
             return model
