@@ -429,3 +429,62 @@ def test_cli_encode_gpt2(run_cli, data_dir):
         "Hello, world! " + EOT,
     )
     assert code == 0 and json.loads(out) == [15496, 11, 995, 0, 220, 50256]
+
+
+# -- saving a folder atomically (reliability item 6) -------------------------------------------
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def _hf_tokenizer(tok: BPETokenizer, tmp: Path):
+    from scratchllm.tokenizers.hf import HFTokenizer, export_tokenizer
+
+    tok.save(tmp / "bpe")
+    export_tokenizer(tok, tmp / "bpe", tmp / "hf", 64)
+    return HFTokenizer.from_directory(tmp / "hf")
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "hf"])
+def test_save_replaces_the_whole_folder_or_leaves_it(small_corpus, tmp_path, monkeypatch, kind):
+    """Every Tokenizer.save path builds the folder aside and swaps it in: a failure after the
+    first file (here the last one, the meta file, fails) leaves the previous folder as it was,
+    and a success leaves none of the previous folder's files behind."""
+    from scratchllm.tokenizers import ByteTokenizer, base
+
+    old = train_bpe(small_corpus, 300, workers=1)
+    new = {
+        "bytes": ByteTokenizer,
+        "bpe": lambda: train_bpe(small_corpus, 320, workers=1),
+        "hf": lambda: _hf_tokenizer(train_bpe(small_corpus, 320, workers=1), tmp_path),
+    }[kind]()
+    folder = tmp_path / "tok"
+    old.save(folder)
+    before = _files(folder)
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(base, "atomic_write_text", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            new.save(folder)
+    assert _files(folder) == before
+    assert load_tokenizer(folder).fingerprint() == old.fingerprint()
+    new.save(folder)
+    assert load_tokenizer(folder).fingerprint() == new.fingerprint()
+    new.save(tmp_path / "fresh")  # exactly what a save into an empty folder writes
+    assert set(_files(folder)) == set(_files(tmp_path / "fresh"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_cli_train_refuses_to_replace_a_tokenizer_without_force(run_cli, data_dir, tmp_path):
+    text = data_dir / "bpe_reference" / "address.txt"
+    out = tmp_path / "tok"
+    assert run_cli("train", "--data", text, "--vocab-size", 280, "--out", out)[0] == 0
+    before = _files(out)
+    code, _, err = run_cli("train", "--data", text, "--vocab-size", 300, "--out", out)
+    assert code == 2 and "--out" in err and "--force" in err and err.count("\n") == 1
+    assert _files(out) == before
+    code, _, err = run_cli("train", "--data", text, "--vocab-size", 300, "--out", out, "--force")
+    assert code == 0, err
+    assert load_tokenizer(out).vocab_size == 300

@@ -223,8 +223,9 @@ def test_resume_without_a_run_and_unknown_preset(capsys, tmp_path):
 
 
 def test_version_and_the_short_public_api(capsys):
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     import scratchllm
 

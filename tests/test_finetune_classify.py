@@ -260,7 +260,8 @@ def test_classify_rejects_unseen_labels_and_empty_texts(tmp_path, base_ckpt, cap
     assert "text 2 is empty" in capsys.readouterr().err
     long = "good " * 100  # 500 bytes > the 128-token context: cut with a warning, not a crash
     assert main(["classify", "--checkpoint", str(out), long]) == 0
-    assert "were cut" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: 1 text longer than" in err and "was cut" in err  # "1 text", not "1 texts"
 
 
 def test_csv_and_jsonl_load_with_quotes_and_extra_fields(tmp_path):

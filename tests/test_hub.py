@@ -724,6 +724,55 @@ def test_import_without_tokenizer_asks_for_one(capsys, gpt2_dir, tmp_path):
     )
 
 
+def _tree_bytes(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in path.rglob("*") if f.is_file()}
+
+
+def test_convert_refuses_an_out_that_is_holds_or_lies_in_the_source(capsys, gpt2_dir, tmp_path):
+    """Item 5: `--from run/checkpoint --out run --force` deleted its own source. An --out that
+    is, holds or lies inside --from (symlinks resolved) is refused, import and export alike."""
+    run = tmp_path / "run"
+    cfg = ModelConfig(vocab_size=257, context_length=8, emb_dim=16, n_heads=2, n_layers=1)
+    save_checkpoint(run / "checkpoint", GPTModel(cfg), ByteTokenizer())
+    (tmp_path / "link").symlink_to(run)
+    before, hf_before = _tree_bytes(run), _tree_bytes(gpt2_dir)
+    for src, out, what in [
+        (run / "checkpoint", run, "holds --from"),  # export: out holds the source
+        (tmp_path / "link" / "checkpoint", run, "holds --from"),  # ... through a symlink
+        (run, run / "checkpoint" / "hf", "lies inside --from"),  # export: out inside it
+        (run / "checkpoint", tmp_path / "link" / "checkpoint", "is --from"),
+        (gpt2_dir, tmp_path, "holds --from"),  # import: out holds the source
+        (gpt2_dir, gpt2_dir / "ckpt", "lies inside --from"),  # import: out inside it
+    ]:
+        argv = ["convert", "--from", src, "--out", out, "--tokenizer", "bytes", "--force"]
+        if src.name != "src":
+            argv = argv[:5] + ["--force"]  # export takes no --tokenizer
+        expect_error(capsys, argv, f"--out {out}", what)
+    assert _tree_bytes(run) == before and _tree_bytes(gpt2_dir) == hf_before
+    # A sibling folder is fine.
+    assert main(["convert", "--from", str(run), "--out", str(tmp_path / "hf")]) == 0
+
+
+@pytest.mark.parametrize("entry", ["../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"])
+def test_a_shard_path_that_leaves_the_model_folder_is_refused(capsys, tmp_path, entry):
+    """Item 9: a weight_map entry may only name a file in the model folder."""
+    sharded = tmp_path / "models" / "m"
+    hf_model("llama").save_pretrained(sharded, max_shard_size="100KB")
+    index = sharded / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    data["weight_map"][name] = entry
+    index.write_text(json.dumps(data))
+    expect_error(
+        capsys,
+        ["convert", "--from", sharded, "--out", tmp_path / "out", "--tokenizer", "bytes"],
+        str(index),
+        repr(name),
+        "outside the model folder",
+    )
+    assert not (tmp_path / "out").exists()
+
+
 # -- download ---------------------------------------------------------------------------------
 
 

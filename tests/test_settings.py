@@ -116,12 +116,24 @@ def test_the_library_names_the_field_and_the_command_line_the_flag(capsys, tmp_p
 
 
 def test_finetune_tasks_keep_their_own_defaults(capsys):
+    from scratchllm.finetune import FinetuneOptions
+    from scratchllm.finetune.instruct import InstructOptions
+    from scratchllm.finetune.preference import DPOOptions
+
     assert "passes over the training split (default 5.0)" in _help(
         capsys, ["finetune", "classify", "--help"]
     )
     dpo = _help(capsys, ["finetune", "dpo", "--help"])
     assert "(default 1.0)" in dpo and "peak learning rate (default 5e-06)" in dpo
-    assert ClassifyOptions(checkpoint="c", data="d", out="o").epochs == 3.0  # the library's own
+    # The defaults live in the options classes: the library and the command line agree.
+    given = dict(checkpoint="c", data="d", out="o")
+    assert FinetuneOptions(**given).epochs == 3.0
+    assert ClassifyOptions(**given).epochs == 5.0 and InstructOptions(**given).epochs == 2.0
+    assert (DPOOptions(**given).epochs, DPOOptions(**given).lr) == (1.0, 5e-6)
+    # The task flags are fields too: their defaults show in --help and reach the library.
+    instruct = _help(capsys, ["finetune", "instruct", "--help"])
+    assert "tokens per test response (0: skip; default 256)" in instruct
+    assert "prompt style (default alpaca)" in instruct and "DPO temperature β (default 0.1)" in dpo
 
 
 def test_resume_reads_the_weights_once(tmp_path, data_dir, monkeypatch):
@@ -183,3 +195,47 @@ def test_flags_follow_the_annotations():
         parser.parse_args([])  # --name is required
     with pytest.raises(SystemExit):
         parser.parse_args(["--name", "x", "--mode", "c"])  # not a choice
+
+
+def test_library_messages_name_fields_and_the_command_line_shows_flags(tmp_path, capsys):
+    import torch
+
+    from scratchllm import ByteTokenizer, GPTModel, ModelConfig
+    from scratchllm.checkpoint import save_checkpoint
+    from scratchllm.finetune import select_trainable
+    from scratchllm.finetune.instruct import InstructionTask
+    from scratchllm.model.lora import LoRALinear, parse_targets
+
+    config = ModelConfig(vocab_size=257, context_length=16, emb_dim=16, n_heads=2, n_layers=2)
+    model = GPTModel(config)
+    cases = [
+        (lambda: select_trainable(model, "last-9"), "train", "train last-9: N must be 1..2"),
+        (lambda: select_trainable(model, "middle"), "train", "train 'middle': expected head"),
+        (lambda: LoRALinear(torch.nn.Linear(2, 2), 0, 1.0), "lora_rank", "lora_rank must be ≥ 1"),
+        (lambda: parse_targets("attention"), "lora_targets", "lora_targets unknown group"),
+        (lambda: InstructionTask({"train": [1]}, 0, 0), "batch_size", "batch_size must be ≥ 1"),
+    ]
+    for call, field, message in cases:
+        with pytest.raises(SettingError) as exc:
+            call()
+        assert exc.value.field == field and str(exc.value).startswith(message), str(exc.value)
+
+    save_checkpoint(tmp_path / "base", model, ByteTokenizer(), {})
+    data = tmp_path / "texts.tsv"
+    data.write_text("".join(f"{'ab'[i % 2]}\ttext {i}\n" for i in range(20)))
+    argv = ["finetune", "classify", "--checkpoint", str(tmp_path / "base"), "--data", str(data)]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--train", "last-9"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("error: --train last-9: N must be 1..2 (the model's blocks)")
+    )
+    assert (
+        main([*argv, "--out", str(tmp_path / "run2"), "--lora-rank", "2", "--lora-targets", "x"])
+        == 2
+    )
+    assert "error: --lora-targets unknown group 'x'" in capsys.readouterr().err
+    assert main(["pretrain", "--model", "nope", "--out", str(tmp_path / "p")]) == 2
+    assert "error: --model 'nope': not a preset" in capsys.readouterr().err
+    assert main(["finetune", "dpo", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "error: --checkpoint is required" in capsys.readouterr().err  # no run.json to read

@@ -131,3 +131,53 @@ def test_page_streams_a_reply_and_keeps_the_conversation(browser, server):
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg")  # the conversation was cleared
     third = ask("Tell me more.", 1)
     assert third == api_reply(server, [{"role": "user", "content": "Tell me more."}], 12)
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory, gpt2_tokenizer):
+    """A model with a 128-token context: the page's default budget of 128 cannot fit."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=50257, context_length=128, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0
+    )
+    path = tmp_path_factory.mktemp("webchat-small") / "ckpt"
+    save_checkpoint(path, GPTModel(config), gpt2_tokenizer)
+    ckpt = load_checkpoint(path)
+    with ServerThread(Engine(ckpt.model, ckpt.tokenizer), model_name=MODEL) as srv:
+        yield srv
+
+
+def test_page_defaults_fit_a_small_context_and_old_turns_are_dropped(
+    browser, small_server, one_thread
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(small_server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: "context 128" in d.find_element(By.ID, "model").text)
+    box = browser.find_element(By.ID, "max_tokens")
+    assert box.get_attribute("value") == "32"  # a quarter of the context, not the 128 default
+    assert box.get_attribute("max") == "127"
+    statuses = []
+    # Messages of ~20 tokens with 32-token replies: by the second turn the conversation no
+    # longer fits in 128 tokens with room for a reply, so the oldest turns must go.
+    for turn in range(1, 4):
+        text = f"Message {turn}: tell me a long story about the sea, the ships and the sailors."
+        browser.find_element(By.ID, "input").send_keys(text)
+        browser.find_element(By.ID, "send").click()
+        wait.until(
+            lambda d, turn=turn: (
+                len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='true']")) == turn
+                or d.find_elements(By.CSS_SELECTOR, ".msg.error")
+            )
+        )
+        errors = browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+        assert not errors, errors[0].text
+        bubbles = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        assert browser.execute_script("return arguments[0].textContent;", bubbles[-1])
+        statuses.append(browser.find_element(By.ID, "status").text)
+    assert any("dropped to fit the context" in s for s in statuses[1:]), statuses
+    # The page keeps what the server saw: the last turns, never more than the context allows.
+    kept = browser.execute_script("return Array.isArray(history) ? history.length : -1;")
+    assert kept in (2, 4)  # the last turn, and the one before it when it fits

@@ -3,7 +3,8 @@
     config.json          ModelConfig (JSON)
     model.safetensors    weights (a tied head is stored once)
     tokenizer/           the tokenizer's own files (see `Tokenizer.save`)
-    checkpoint.json      format version, task, step and any task metadata (labels, ...)
+    checkpoint.json      format version, task, step, task metadata (labels, ...) and the
+                         tokenizer's fingerprint (a replaced tokenizer/ is refused at load)
     train_state.pt       optimizer/schedule/RNG/data position; tensors and plain types only
 
 A checkpoint is written into a temporary sibling directory and renamed into place
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from scratchllm.config import ModelConfig
 from scratchllm.errors import CheckpointError
-from scratchllm.fs import atomic_dir, recover_dir
+from scratchllm.fs import atomic_dir, os_error_of, recover_dir
 from scratchllm.model.gpt import GPTModel
 from scratchllm.tokenizers import Tokenizer, load_tokenizer
 
@@ -133,14 +134,30 @@ def write_checkpoint(
     with atomic_dir(path, hook=_test_hook) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         write_weights(tmp / "model.safetensors")
-        tokenizer.save(tmp / "tokenizer")
+        (tmp / "tokenizer").mkdir()
+        tokenizer.write_files(tmp / "tokenizer")
         info = {"format_version": FORMAT_VERSION, "task": "lm", **(meta or {})}
+        info["tokenizer_fingerprint"] = tokenizer.fingerprint()  # checked by every load
         (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
         if train_state is not None:
-            torch.save(train_state, tmp / "train_state.pt")
+            _save_train_state(train_state, tmp / "train_state.pt")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return path
+
+
+def _save_train_state(state: dict[str, Any], file: Path) -> None:
+    """torch.save, with a full disk raised as the OSError(ENOSPC) naming `file`: torch turns it
+    into RuntimeError("... unexpected pos ..."), its context the OSError when torch writes
+    through a Python file object."""
+    try:
+        with open(file, "wb") as fh:
+            torch.save(state, fh)
+    except RuntimeError as exc:
+        os_error = os_error_of(exc, file)
+        if os_error is None:
+            raise
+        raise os_error from exc
 
 
 _saves = {"count": 0}
@@ -284,6 +301,34 @@ def load_weights_into(
     model.load_state_dict(state, strict=False, assign=assign)
 
 
+def read_checkpoint_config(path: str | Path) -> tuple[ModelConfig, Tokenizer, dict[str, Any]]:
+    """The model config, tokenizer and checkpoint.json of a checkpoint (or run) directory,
+    without reading its weights; a save that a crash interrupted is finished first. What
+    `load_checkpoint` and `--resume` (which reads the weights with the optimizer state) share."""
+    path = Path(path)
+    recover_interrupted_save(path)
+    path = resolve_checkpoint_dir(path)
+    for name in REQUIRED:
+        if not (path / name).exists():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+    try:
+        config = ModelConfig.from_json(path / "config.json")
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path}: bad config.json: {exc}") from None
+    meta = read_meta(path)
+    if not (path / "tokenizer").exists():
+        raise CheckpointError(f"checkpoint {path}: tokenizer/ is missing")
+    try:
+        tokenizer = load_tokenizer(path / "tokenizer")
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path}: bad tokenizer: {exc}") from None
+    check_tokenizer_fingerprint(tokenizer, meta, path / "tokenizer")
+    if config.num_classes is None and meta.get("num_classes"):  # a classifier saved before
+        config = config.replace(num_classes=int(meta["num_classes"]))  # config.json held it
+    check_tokenizer_fits(tokenizer, config, str(path))
+    return config, tokenizer, meta
+
+
 def load_checkpoint(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -301,27 +346,10 @@ def load_checkpoint(
     from scratchllm.inference.weights import apply_quantization, check_quantize, pack_linears
 
     check_quantize(quantize, device)  # before the (slow) load
-    path = Path(path)
-    recover_interrupted_save(path)
+    config, tokenizer, meta = read_checkpoint_config(path)
     path = resolve_checkpoint_dir(path)
-    for name in REQUIRED:
-        if not (path / name).exists():
-            raise CheckpointError(f"checkpoint {path}: {name} is missing")
-    try:
-        config = ModelConfig.from_json(path / "config.json")
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: bad config.json: {exc}") from None
-    meta = read_meta(path)
-    try:
-        tokenizer = load_tokenizer(path / "tokenizer") if (path / "tokenizer").exists() else None
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: bad tokenizer: {exc}") from None
-    if tokenizer is None:
-        raise CheckpointError(f"checkpoint {path}: tokenizer/ is missing")
     state = load_state_dict(path)
     # Build on the meta device and adopt the loaded tensors (assign=True): one copy in memory.
-    if config.num_classes is None and meta.get("num_classes"):  # a classifier saved before
-        config = config.replace(num_classes=int(meta["num_classes"]))  # config.json held it
     with torch.device("meta"):
         model = GPTModel(config)
     load_weights_into(model, state, str(path / "model.safetensors"), assign=True)
@@ -338,7 +366,6 @@ def load_checkpoint(
         model = model.to(dtype)
     if pack:  # last: packed weights are opaque to later casts and moves
         pack_linears(model, layout="both" if pack is True else pack)
-    check_tokenizer_fits(tokenizer, config, str(path))
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, path=path, meta=meta)
 
@@ -351,6 +378,17 @@ def load_train_state(path: str | Path) -> dict[str, Any] | None:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{file}: corrupt training state ({type(exc).__name__})") from None
+
+
+def check_tokenizer_fingerprint(tokenizer: Tokenizer, meta: dict[str, Any], folder: Path) -> None:
+    """CheckpointError when `folder` holds another tokenizer than the one the checkpoint was
+    written with (whose fingerprint checkpoint.json records); older checkpoints recorded none."""
+    want = meta.get("tokenizer_fingerprint")
+    if want is not None and tokenizer.fingerprint() != want:
+        raise CheckpointError(
+            f"{folder}: tokenizer/ does not match the one this checkpoint was trained with "
+            f"(fingerprint {want}, this one's is {tokenizer.fingerprint()})"
+        )
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig, source: str) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,12 +72,18 @@ class ModelConfig:
         return self.hidden_dim or 4 * self.emb_dim
 
     def validate(self) -> None:
-        """Raise `InputError` naming the field when the numbers cannot make a model."""
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        """Raise `InputError` naming the field when the numbers cannot make a model. Every
+        field is first checked against its annotation (`"norm_eps": "abc"` is refused), and
+        every integer is a size, so at least 1."""
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), _field_types()[f.name]
+            problem = _type_problem(value, hint)
+            if problem:
+                raise InputError(f"model config: '{f.name}' must be {problem}")
+            if _scalar(hint) is int and value is not None and value < 1:
+                null = " or null" if _scalar(hint) is not hint else ""
                 raise InputError(
-                    f"model config: '{name}' must be a positive integer, got {value!r}"
+                    f"model config: '{f.name}' must be a positive integer{null}, got {value!r}"
                 )
         if not 0.0 <= self.drop_rate < 1.0:
             raise InputError(f"model config: 'drop_rate' must be in [0, 1), got {self.drop_rate}")
@@ -85,25 +94,6 @@ class ModelConfig:
         if self.n_heads % self.kv_heads:
             raise InputError(
                 f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}"
-            )
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise InputError(
-                f"model config: 'norm' must be layernorm or rmsnorm, got {self.norm!r}"
-            )
-        if self.pos_embedding not in ("learned", "rope"):
-            raise InputError(
-                f"model config: 'pos_embedding' must be learned or rope, got {self.pos_embedding!r}"
-            )
-        if self.ffn not in ("gelu", "swiglu"):
-            raise InputError(f"model config: 'ffn' must be gelu or swiglu, got {self.ffn!r}")
-        if self.num_classes is not None and (
-            not isinstance(self.num_classes, int)
-            or isinstance(self.num_classes, bool)
-            or self.num_classes < 1
-        ):
-            raise InputError(
-                f"model config: 'num_classes' must be a positive integer or null, "
-                f"got {self.num_classes!r}"
             )
         if self.pos_embedding == "rope" and self.head_size % 2:
             raise InputError(f"model config: RoPE needs an even head size, got {self.head_size}")
@@ -123,6 +113,8 @@ class ModelConfig:
         try:
             return cls(**data)
         except TypeError as exc:  # a wrong type that the dataclass itself rejects
+            raise InputError(f"{source}: {exc}") from None
+        except InputError as exc:  # `validate`'s message, with the file (or preset) it is in
             raise InputError(f"{source}: {exc}") from None
 
     def to_json(self, path: str | Path) -> None:
@@ -154,6 +146,34 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def allocation_error(self, exc: BaseException) -> InputError | None:
+        """For an allocation that failed while building a model from this config (`exc`), an
+        InputError naming the field that asked for it and the size; None for other errors."""
+        text = str(exc)
+        if not isinstance(exc, MemoryError) and "alloc" not in text and "memory" not in text:
+            return None
+        learned = self.pos_embedding == "learned"
+        tensors = [  # (numel, the field that sizes it, what it is)
+            (self.vocab_size * self.emb_dim, "vocab_size", "token embeddings"),
+            (
+                self.context_length * self.emb_dim if learned else 0,
+                "context_length",
+                "position embeddings",
+            ),
+            (
+                self.emb_dim * self.ffn_dim,
+                "hidden_dim" if self.hidden_dim else "emb_dim",
+                "feed-forward weights",
+            ),
+            (self.emb_dim * self.n_heads * self.head_size, "n_heads", "attention weights"),
+        ]
+        numel, name, what = max(tensors)
+        size = _bytes(numel * 4)
+        return InputError(
+            f"model config: '{name}' {getattr(self, name)} asks for {size} of {what} "
+            f"(emb_dim {self.emb_dim}); cannot allocate it"
+        )
+
     # -- counts --------------------------------------------------------------------------------
     def flops_per_token(self, training: bool = True) -> float:
         """Matmul FLOPs per token at full context (PaLM appendix B): 6N + 12·L·H·Q·T for training.
@@ -175,6 +195,61 @@ class ModelConfig:
         out = self.n_heads * hd * d
         ffn = (3 if self.ffn == "swiglu" else 2) * d * self.ffn_dim
         return self.n_layers * (q + kv + out + ffn) + d * head
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+_TYPES: dict[str, Any] = {}
+
+
+def _field_types() -> dict[str, Any]:
+    """ModelConfig's field annotations, resolved once (`from __future__` makes them text)."""
+    if not _TYPES:
+        _TYPES.update(typing.get_type_hints(ModelConfig))
+    return _TYPES
+
+
+def _scalar(hint: Any) -> Any:
+    """`X` of an annotation `X | None`; any other annotation as it is."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What `value` should be ("a number, got 'abc'") when it does not fit `hint`, else None.
+    Covers the annotations ModelConfig uses: int, float, bool, str, dict, Literal, X | None."""
+    if _scalar(hint) is not hint:  # X | None
+        problem = None if value is None else _type_problem(value, _scalar(hint))
+        return f"{problem.replace(', got', ' or null, got', 1)}" if problem else None
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return None
+        return f"one of {', '.join(map(str, choices))}, got {value!r}"
+    base = typing.get_origin(hint) or hint
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            return f"a finite number, got {value!r}"
+    else:
+        ok = isinstance(value, base)
+    if ok:
+        return None
+    # Every integer of ModelConfig is a size.
+    kind = {bool: "true or false", int: "a positive integer", float: "a number", str: "a string"}
+    return f"{kind.get(base, 'a JSON object' if base is dict else base.__name__)}, got {value!r}"
 
 
 # What the modern architectures share: RMSNorm, RoPE, SwiGLU, GQA, no biases, tied head.
@@ -240,6 +315,8 @@ def resolve_model_config(spec: str) -> ModelConfig:
         path = path / "config.json"
     if path.suffix == ".json" or path.exists():
         return ModelConfig.from_json(path)
-    raise InputError(
-        f"--model {spec!r}: not a preset ({', '.join(PRESETS)}) and not a config JSON file"
+    from scratchllm.settings import SettingError  # the `model` setting of the recipes
+
+    raise SettingError(
+        "model", f"{spec!r}: not a preset ({', '.join(PRESETS)}) and not a config JSON file"
     )

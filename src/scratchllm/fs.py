@@ -6,19 +6,25 @@
   `.NAME.tmp`, then swapped in: the old `path` is renamed to `.NAME.old`, the new one renamed
   to `path`, and only then is the old one deleted. A crash between the two renames leaves just
   `.NAME.old`, which `recover_dir(path)` (and the next `atomic_dir(path)`) puts back.
+
+An OSError that leaves a writer names what was being written (a full disk under torch.save's
+RuntimeError or safetensors' error included: `os_error_of`), and the CLI maps it to one line.
+`crash_point(stage)` is the crash injection of the kill tests (off unless SCRATCHLLM_TEST_KILL).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from scratchllm.errors import InputError
+from scratchllm.errors import InputError, ScratchLLMError
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +34,23 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; on success it is fsynced and renamed over
     `path`, on an exception it is removed and `path` is left as it was."""
     path = Path(path)
+    _check_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a read-only folder, say: name the file the user asked for
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         _fsync_file(tmp_path)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        named = os_error_of(exc, path, tmp_path)
+        if named is not None and named is not exc:
+            raise named from exc
         raise
     fsync_dir(path.parent)
 
@@ -77,14 +90,17 @@ def atomic_dir(path: str | Path, hook: Callable[[str], None] | None = None) -> I
     nothing renamed) and at "swapping" (the old `path` moved aside, the new one not yet in).
     """
     path = Path(path)
+    if path.name in ("", ".."):  # "." or "..": the folder has a name its parent knows it by
+        path = path.resolve()
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: exists and is not a directory")
+    _check_parents(path)
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
-    shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover: never a complete copy
-    tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover: never a complete copy
+        tmp.mkdir()
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file() and not file.is_symlink():
@@ -94,7 +110,7 @@ def atomic_dir(path: str | Path, hook: Callable[[str], None] | None = None) -> I
         if hook is not None:
             hook("written")
         _swap_in(tmp, path, hook)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         recover_dir(path)  # an exception mid-swap: the old copy goes back
         for p in created:  # innermost first; stop at the first that is not empty
@@ -102,6 +118,9 @@ def atomic_dir(path: str | Path, hook: Callable[[str], None] | None = None) -> I
                 p.rmdir()
             except OSError:
                 break
+        named = os_error_of(exc, path, tmp)
+        if named is not None and named is not exc:
+            raise named from exc
         raise
 
 
@@ -116,6 +135,76 @@ def _swap_in(tmp: Path, path: Path, hook: Callable[[str], None] | None) -> None:
     tmp.rename(path)
     fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The first of `path` and its parents that exists and is not a directory (so no folder
+    can be made at `path`), or None."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def _check_parents(path: Path) -> None:
+    """InputError when a parent of `path` exists as a file (mkdir would fail with EEXIST)."""
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        raise InputError(f"{path}: {blocker} exists and is not a directory")
+
+
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # safetensors' (Rust's) io::Error
+
+
+def os_error_of(exc: BaseException, path: Path, tmp: Path | None = None) -> OSError | None:
+    """The OSError behind `exc`, naming the file it was writing (`path`, or the file under it
+    when the error names one inside the temporary copy `tmp`); None when no OSError is.
+
+    torch.save reports a full disk as RuntimeError("... unexpected pos ...") whose context is
+    the OSError; safetensors as an error whose text holds "(os error 28)". An InputError (or
+    anything raised `from None`, or an interrupt) is left as it is."""
+    if isinstance(exc, ScratchLLMError) or not isinstance(exc, Exception):
+        return None
+    found: BaseException | None = exc
+    for _ in range(4):  # the chain of causes, not an endless one
+        if found is None or isinstance(found, OSError):
+            break
+        found = found.__cause__ or (None if found.__suppress_context__ else found.__context__)
+    if isinstance(found, OSError):
+        os_error = found
+    elif (m := _OS_ERROR_IN_TEXT.search(str(exc))) is not None:
+        os_error = OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+    else:
+        return None
+    if os_error.errno is None:  # OSError("...") without an errno: nothing to name
+        return None
+    name = os_error.filename
+    if name is not None and tmp is not None and _inside(Path(name), tmp):
+        name = str(path / Path(name).relative_to(tmp))  # the file as the user will know it
+    name = str(path) if name is None else name
+    if name == os_error.filename:
+        return os_error
+    return OSError(os_error.errno, os_error.strerror or os.strerror(os_error.errno), name)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def crash_point(stage: str) -> None:
+    """Crash injection for the kill tests: SIGKILL this process at `stage` when
+    SCRATCHLLM_TEST_KILL names it ("tokenizer:written", "convert:swapping", ...)."""
+    if os.environ.get("SCRATCHLLM_TEST_KILL") == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_hook(label: str) -> Callable[[str], None]:
+    """An `atomic_dir` hook that calls `crash_point("LABEL:STAGE")` at each of its stages."""
+    return lambda stage: crash_point(f"{label}:{stage}")
 
 
 def recover_dir(path: str | Path) -> bool:

@@ -15,12 +15,19 @@ a library-only setting (YAML may still set it); a subclass may give a setting a 
 `SettingError(field, problem)`: "max_steps must be ≥ 1, got 0"; `flags_in_errors` shows that on
 the command line as "--max-steps must be ≥ 1, got 0". Help texts and problems name other settings
 in backticks (`epochs`); on the command line those read as flags (--epochs).
+
+A numeric setting declares its range where it is declared: `setting(0.1, help=..., ge=0)`,
+`setting(None, help=..., ge=0, lt=1)` (`ge` ≥, `gt` >, `le` ≤, `lt` <; None passes). `check`
+tests every range and every `choices` before any work starts: `build` calls it, and so does
+`Settings.validate`, the base of the settings classes. `setting(..., flag=False)` declares a
+library-only setting (a YAML key, no flag) with its range.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -33,6 +40,8 @@ from scratchllm.errors import InputError
 
 T = TypeVar("T")
 _KEY = "scratchllm.setting"
+_PLAIN = "scratchllm.setting.plain"  # a setting without a flag
+_RANGE = "scratchllm.range"
 _MISSING = dataclasses.MISSING
 
 
@@ -54,6 +63,47 @@ class _Flag:
     nargs: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric setting accepts: ≥ `ge`, > `gt`, ≤ `le`, < `lt` (None: no bound)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ge is not None and self.gt is not None) or (
+            self.le is not None and self.lt is not None
+        ):
+            raise ValueError("a range has at most one lower and one upper bound")
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` ("must be ≥ 1, got 0"), or None when it is in range."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a number, got {value!r}"
+        ok = math.isfinite(value)
+        ok = ok and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+        ok = ok and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        return None if ok else f"must be {self}, got {value}"
+
+    def __str__(self) -> str:
+        lo = self.ge if self.ge is not None else self.gt
+        hi = self.le if self.le is not None else self.lt
+        if lo is not None and hi is not None:
+            left, right = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
+            return f"in {left}{_num(lo)}, {_num(hi)}{right}"
+        if lo is not None:
+            return f"{'≥' if self.ge is not None else '>'} {_num(lo)}"
+        if hi is not None:
+            return f"{'≤' if self.le is not None else '<'} {_num(hi)}"
+        return "a finite number"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
 def setting(
     default: Any = _MISSING,
     *,
@@ -63,12 +113,19 @@ def setting(
     metavar: str | None = None,
     aliases: tuple[str, ...] = (),
     nargs: str | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    flag: bool = True,
 ) -> Any:
-    """A dataclass field that is also a flag. `help` is plain text (no %-escaping)."""
-    flag = _Flag(help, tuple(choices) if choices else None, metavar, tuple(aliases), nargs)
-    return dataclasses.field(
-        default=default, default_factory=default_factory, metadata={_KEY: flag}
-    )
+    """A dataclass field that is also a flag (unless `flag=False`: a library and YAML setting).
+    `help` is plain text (no %-escaping); `ge`/`gt`/`le`/`lt` bound a numeric value."""
+    info = _Flag(help, tuple(choices) if choices else None, metavar, tuple(aliases), nargs)
+    meta: dict[str, Any] = {_KEY if flag else _PLAIN: info}
+    if (ge, gt, le, lt) != (None, None, None, None):
+        meta[_RANGE] = Range(ge, gt, le, lt)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
 def flag_name(field: str) -> str:
@@ -104,14 +161,23 @@ def _split(hint: Any) -> tuple[Any, bool, bool]:
     return hint, optional, False
 
 
-def _flag_meta(cls: type, name: str) -> _Flag | None:
-    # The first class in the MRO that declared this field with `setting` (a subclass may re-default
-    # a field with a plain default and keep its help).
+def _meta(cls: type, name: str, key: str) -> Any:
+    # From the first class in the MRO whose declaration of this field has it (a subclass may
+    # re-default a field with a plain default and keep its help and range).
     for klass in cls.__mro__:
         f = getattr(klass, "__dataclass_fields__", {}).get(name)
-        if f is not None and _KEY in f.metadata:
-            return f.metadata[_KEY]
+        if f is not None and key in f.metadata:
+            return f.metadata[key]
     return None
+
+
+def _flag_meta(cls: type, name: str) -> _Flag | None:
+    return _meta(cls, name, _KEY)
+
+
+def range_of(cls: type, name: str) -> Range | None:
+    """The range field `name` of settings class `cls` declares (None: it declares none)."""
+    return _meta(cls, name, _RANGE)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -123,8 +189,9 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def specs(cls: type) -> list[_Spec]:
-    """The flag-bearing fields of `cls` in --help order: those of the most specific class that
-    declares any (what the command is about: data, model, out), then the others from the base up."""
+    """The flag-bearing fields of `cls` in --help order: those of the classes that declare a
+    required setting and of the most specific class that declares any (what the command is
+    about: data, model, out), then the others from the base up."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     by_class: dict[type, list[str]] = {}
@@ -135,7 +202,9 @@ def specs(cls: type) -> list[_Spec]:
                 by_class.setdefault(klass, []).append(name)
                 seen.add(name)
     groups = list(by_class.values())
-    order = [name for group in [*groups[-1:], *groups[:-1]] for name in group]
+    lead = [g for g in groups if any(_default(fields[n]) is _MISSING for n in g)]
+    lead += [g for g in groups[-1:] if g not in lead]
+    order = [name for group in [*lead, *(g for g in groups if g not in lead)] for name in group]
     out = []
     for name in order:
         scalar, _, is_list = _split(hints[name])
@@ -196,8 +265,14 @@ def load_yaml(cls: type, path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise InputError(f"--config {path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"--config {path}: is a folder; expected a YAML file") from None
     except OSError as exc:
         raise InputError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:  # a binary file
+        raise InputError(
+            f"--config {path}: not UTF-8 text (byte {exc.start}); expected a YAML file"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -265,12 +340,45 @@ def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def check(obj: Any) -> None:
+    """Every setting of `obj` in its declared range and among its choices, or a SettingError
+    naming the first that is not."""
+    cls = type(obj)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        bounds = range_of(cls, f.name)
+        if bounds is not None:
+            for item in value if isinstance(value, list | tuple) else [value]:  # each share
+                problem = bounds.problem(item)
+                if problem:
+                    raise SettingError(f.name, problem)
+        info = _flag_meta(cls, f.name) or _meta(cls, f.name, _PLAIN)
+        if info is not None and info.choices:
+            for item in value if isinstance(value, list) else [value]:
+                if item not in info.choices:
+                    *rest, last = map(str, info.choices)
+                    names = f"{', '.join(rest)} or {last}" if rest else last
+                    raise SettingError(f.name, f"must be {names}, got {item!r}")
+
+
+class Settings:
+    """Base of the settings classes: `validate` checks the declared ranges and choices; a
+    subclass adds its own checks after calling `super().validate()`."""
+
+    def validate(self) -> None:
+        check(self)
+
+
 def build(cls: type[T], values: Mapping[str, Any]) -> T:
-    """`cls(**values)`, validated; a required setting left out is a SettingError."""
+    """`cls(**values)`, checked (`check`, then its `validate`); a required setting left out is a
+    SettingError."""
     for f in dataclasses.fields(cls):
         if f.init and _default(f) is _MISSING and f.name not in values:
             raise SettingError(f.name, "is required")
     obj = cls(**values)
+    check(obj)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
@@ -282,13 +390,27 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
     return build(cls, given(cls, args))
 
 
-def with_defaults(cls: type[T], **defaults: Any) -> type[T]:
-    """A subclass of `cls` whose named settings default to other values (for one command)."""
-    hints = typing.get_type_hints(cls)
-    fields = [(name, hints[name], dataclasses.field(default=v)) for name, v in defaults.items()]
-    sub = dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,))
-    sub.__module__, sub.__qualname__ = cls.__module__, cls.__qualname__
-    return sub
+def with_saved_settings(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """With `resume` set, the run's saved settings (OUT/run.json) are the base; `values` (YAML,
+    flags) still win. Keys `cls` no longer has are left out."""
+    import json
+
+    if not values.get("resume"):
+        return dict(values)
+    out = values.get("out")
+    if out is None:
+        out = next((_default(f) for f in dataclasses.fields(cls) if f.name == "out"), None)
+    if out is None or out is _MISSING:
+        return dict(values)  # `build` says that `out` is required
+    saved = Path(out) / "run.json"
+    if not saved.exists():
+        return dict(values)  # the recipe's checkpoint check names what is missing
+    try:
+        raw = json.loads(saved.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{saved}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return {**{k: v for k, v in raw.items() if k in names}, **values}
 
 
 def project(obj: Any, cls: type[T], **changes: Any) -> T:

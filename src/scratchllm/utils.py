@@ -39,3 +39,8 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise InputError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 text', '3 texts' (or `many` for an irregular plural: plural(2, 'reply', 'replies'))."""
+    return f"{n} {word if n == 1 else many or word + 's'}"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
+
+from scratchllm.errors import InputError
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,19 +35,26 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace, rows: int = 1) -> Any:
     """The checkpoint at `args.checkpoint` on `--device`, in `--dtype`, `--quantize`d, its fp32
-    CPU linears packed unless `--no-pack` (`--pack auto`: for `rows` sequences at a time)."""
+    CPU linears packed unless `--no-pack` (`--pack auto`: for `rows` sequences at a time).
+    A classifier is refused: its head scores classes, not the next token."""
     from scratchllm.checkpoint import load_checkpoint
     from scratchllm.inference.weights import device_for
     from scratchllm.utils import parse_dtype, pick_device
 
     device = pick_device(device_for(args.device, args.quantize))
-    return load_checkpoint(
+    ckpt = load_checkpoint(
         args.checkpoint,
         device,
         parse_dtype(args.dtype),
         args.quantize,
         pack=False if args.no_pack else pack_layout(args.pack, rows),
     )
+    if ckpt.config.num_classes is not None:
+        raise InputError(
+            f"--checkpoint {args.checkpoint}: is a classifier with {ckpt.config.num_classes} "
+            "classes, not a language model; use scratchllm classify"
+        )
+    return ckpt
 
 
 def pack_layout(pack: str, rows: int) -> str:
@@ -52,3 +62,18 @@ def pack_layout(pack: str, rows: int) -> str:
     if pack != "auto":
         return pack
     return "gemv" if rows <= 1 else "both"
+
+
+def sampling_error(exc: InputError) -> InputError:
+    """`SamplingParams.validate`'s error ("top_p must be ...") named as its flag (--top-p)."""
+    name = str(exc).split()[0].rstrip(":")
+    flag = {"n": "-n", "max_tokens": "--max-new-tokens"}.get(name, "--" + name.replace("_", "-"))
+    return InputError(f"{flag}: {exc}")
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A flag's text with the escapes a shell passes through literally: \\n, \\t, \\\\."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)

@@ -1,5 +1,5 @@
-"""Progress display for training: a tqdm bar with loss, tokens/s, MFU, peak memory and ETA,
-plus eval lines."""
+"""Progress display for training: a tqdm bar with loss, tokens/s, MFU (and the peak it is a share
+of), peak memory and ETA, plus eval lines."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class ProgressCallback(TrainerCallback):
     def __init__(self, show_samples: bool = True) -> None:
         self.bar: tqdm | None = None
         self.show_samples = show_samples
+        self.peak_label = ""  # " of 157 GFLOP/s fp32 peak" once the trainer has found its peak
 
     def on_start(self, trainer: Trainer) -> None:
         self.bar = tqdm(
@@ -26,6 +27,10 @@ class ProgressCallback(TrainerCallback):
             dynamic_ncols=True,
             file=sys.stderr,
         )
+        peak = getattr(trainer, "peak", None)
+        if peak is not None:
+            self.peak_label = f" of {peak.label}"
+            self.bar.write(f"MFU is a share of the {peak.label}: {peak.source}")
 
     def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self.bar is None:
@@ -36,7 +41,7 @@ class ProgressCallback(TrainerCallback):
             "tok_s": f"{record['tokens_per_s']:.0f}",
         }
         if "mfu" in record:
-            fields["mfu"] = f"{record['mfu']:.1%}"
+            fields["mfu"] = f"{record['mfu']:.1%}{self.peak_label}"
         if "peak_mem_gib" in record:
             fields["mem"] = f"{record['peak_mem_gib']:.1f}G"
         fields["lr"] = f"{record['lr']:.2e}"
@@ -44,7 +49,8 @@ class ProgressCallback(TrainerCallback):
 
     def on_eval(self, trainer: Trainer, record: dict[str, Any], sample: str | None) -> None:
         parts = [f"step {record['step']:>6}"]
-        for key in ("train_loss", "val_loss", "val_ppl", "train_accuracy", "val_accuracy"):
+        keys = ("train_loss", "val_loss", "val_ppl", "val_bpb", "train_accuracy", "val_accuracy")
+        for key in (*keys, "core"):
             if key in record:
                 parts.append(f"{key} {record[key]:.4f}")
         write = self.bar.write if self.bar is not None else print

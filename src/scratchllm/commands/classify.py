@@ -29,13 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scratchllm.finetune.classify import Classifier
+    from scratchllm.utils import plural
 
     texts = list(args.texts)
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise InputError(f"--file {path}: no such file")
-        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += _read_lines(Path(args.file))
     if not texts and not args.eval:
         raise InputError("give texts to classify, --file FILE or --eval DATA")
     clf = Classifier(args.checkpoint, device=args.device)
@@ -57,7 +55,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"accuracy {correct / len(gold):.4f} ({correct} of {len(gold)})")
     if clf.truncated:
         print(
-            f"warning: {clf.truncated} texts were longer than {clf.max_length} tokens and were cut",
+            f"warning: {plural(clf.truncated, 'text')} longer than {clf.max_length} tokens "
+            f"{'was' if clf.truncated == 1 else 'were'} cut",
             file=sys.stderr,
         )
     return 0
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The non-blank lines of --file; a missing, unreadable or binary file is an InputError."""
+    from scratchllm.data.text import decode_text, read_error
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise read_error(path, exc, "--file") from None
+    return [line for line in decode_text(data, f"--file {path}").splitlines() if line.strip()]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from scratchllm import settings
-from scratchllm.errors import InputError
 
 HELP = "fine-tune a checkpoint: classifier, instructions, LoRA, DPO"
 DESCRIPTION = """Fine-tune a checkpoint on your own labelled texts, instructions or preferences.
@@ -23,8 +23,9 @@ examples:
   scratchllm finetune judge --responses runs/inst/test_responses.json --url http://127.0.0.1:11434
 
 Each run writes checkpoint/, metrics.jsonl, loss.png (+ accuracy.png, confusion_matrix.png for
-classify) and results.json into --out. With --lora-rank, adapters are also saved alone in
---out/adapters/ and merged into checkpoint/ for export.
+classify) and results.json into --out. With --lora-rank, every checkpoint holds the merged
+weights and the adapters, which are also saved alone in --out/adapters/. A run that was stopped
+or killed continues with: scratchllm finetune TASK --out RUN --resume
 """
 
 
@@ -33,36 +34,21 @@ def _tasks() -> dict[str, type]:
     from scratchllm.finetune.instruct import InstructOptions
     from scratchllm.finetune.preference import DPOOptions
 
-    # Each task's own defaults for the shared settings (the library's FinetuneOptions: 3 epochs).
-    return {
-        "classify": settings.with_defaults(ClassifyOptions, epochs=5.0),
-        "instruct": settings.with_defaults(InstructOptions, epochs=2.0),
-        "dpo": settings.with_defaults(DPOOptions, epochs=1.0, lr=5e-6),
-    }
+    # Each task's flags and defaults are its options class's fields (one home each).
+    return {"classify": ClassifyOptions, "instruct": InstructOptions, "dpo": DPOOptions}
+
+
+TASK_HELP = {
+    "classify": "text classification head (ch. 6)",
+    "instruct": "instruction fine-tuning on Alpaca-format data (ch. 7)",
+    "dpo": "direct preference optimisation (ch. 7 bonus)",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    tasks = _tasks()
     sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
-    c = sub.add_parser("classify", help="text classification head (ch. 6)")
-    settings.add_flags(c, tasks["classify"])
-    c.add_argument("--balance", action="store_true", help="undersample classes to the smallest")
-    c.add_argument(
-        "--append-eot",
-        action="store_true",
-        help="end each text with <|endoftext|> and classify from that token's state",
-    )
-    i = sub.add_parser("instruct", help="instruction fine-tuning on Alpaca-format data (ch. 7)")
-    settings.add_flags(i, tasks["instruct"])
-    i.add_argument("--template", choices=["alpaca", "phi3"], default="alpaca", help="prompt style")
-    i.add_argument("--mask-prompt", action="store_true", help="no loss on the prompt tokens")
-    i.add_argument(
-        "--generate-tokens", type=int, default=256, help="tokens per test response (0: skip)"
-    )
-    d = sub.add_parser("dpo", help="direct preference optimisation (ch. 7 bonus)")
-    settings.add_flags(d, tasks["dpo"])
-    d.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (0.1)")
-    d.add_argument("--template", choices=["alpaca", "phi3"], default="alpaca", help="prompt style")
+    for name, cls in _tasks().items():
+        settings.add_flags(sub.add_parser(name, help=TASK_HELP[name]), cls, config=True)
     j = sub.add_parser("judge", help="score test_responses.json with an OpenAI-compatible judge")
     j.add_argument("--responses", required=True, help="JSON list with model_response fields")
     j.add_argument("--url", default="http://127.0.0.1:11434", help="server base URL (Ollama's)")
@@ -73,25 +59,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from scratchllm.train.trainer import TrainingDiverged
+
     if args.task == "judge":
         return _judge(args)
     cls = _tasks()[args.task]
-    with settings.flags_in_errors(cls):
-        return _finetune(cls, args)
+    try:
+        with settings.flags_in_errors(cls):
+            # Defaults < OUT/run.json (with --resume) < --config YAML < flags.
+            values = settings.with_saved_settings(cls, settings.given(cls, args))
+            return _finetune(settings.build(cls, values), args)
+    except TrainingDiverged as exc:
+        print(f"scratchllm finetune: stopped: {exc}", file=sys.stderr)
+        return 1
 
 
-def _finetune(cls: type, args: argparse.Namespace) -> int:
+def _finetune(opts, args: argparse.Namespace) -> int:
     from scratchllm.commands._progress import ProgressCallback
 
-    opts = settings.from_args(cls, args)
     out = Path(opts.out)
-    if (out / "results.json").exists() or (out / "checkpoint").exists():
-        raise InputError(f"--out {out} already holds a run; pick a new directory")
     callback = ProgressCallback(show_samples=args.task == "instruct")
     if args.task == "classify":
         from scratchllm.finetune.classify import finetune_classify
 
         r = finetune_classify(opts, callback)
+        if _interrupted(r):
+            return _interrupted(r)
         _params(r)
         for name in ("train", "val", "test"):
             print(f"{name}: accuracy {r[f'{name}_accuracy']:.4f}  loss {r[f'{name}_loss']:.4f}")
@@ -112,6 +105,8 @@ def _finetune(cls: type, args: argparse.Namespace) -> int:
         r = finetune_instruct(opts, callback, progress)
         if bar is not None:
             bar.close()
+        if _interrupted(r):
+            return _interrupted(r)
         _params(r)
         print(f"val loss {r['val_loss']:.4f}  test loss {r['test_loss']:.4f}")
         if "responses" in r:
@@ -120,6 +115,8 @@ def _finetune(cls: type, args: argparse.Namespace) -> int:
         from scratchllm.finetune.preference import finetune_dpo
 
         r = finetune_dpo(opts, callback)
+        if _interrupted(r):
+            return _interrupted(r)
         _params(r)
         print(
             f"val: loss {r['val_loss']:.4f}  reward margin {r['val_reward_margin']:.4f}  "
@@ -137,6 +134,19 @@ def _finetune(cls: type, args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted(r: dict) -> int:
+    """0 for a finished run; for one a signal stopped (its checkpoint saved), says how to go on
+    and returns the exit code (143 SIGTERM, 130 SIGINT)."""
+    if not r.get("interrupted"):
+        return 0
+    print(
+        f"stopped by {r['interrupted']} at step {r['step']}; checkpoint saved in "
+        f"{r['checkpoint']}: continue with --resume",
+        file=sys.stderr,
+    )
+    return 143 if r["interrupted"] == "SIGTERM" else 130
+
+
 def _params(r: dict) -> None:
     print(
         f"trained {r['train']}: {r['trainable_parameters']:,} of {r['total_parameters']:,} "
@@ -147,20 +157,11 @@ def _params(r: dict) -> None:
 def _judge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from scratchllm.finetune.judge import JudgeClient, score_responses
+    from scratchllm.finetune.judge import JudgeClient, load_responses, score_responses
     from scratchllm.fs import atomic_write_text
 
     path = Path(args.responses)
-    if not path.is_file():
-        raise InputError(f"--responses {path}: no such file")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"--responses {path}: invalid JSON at line {exc.lineno}: {exc.msg}"
-        ) from None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise InputError(f"--responses {path}: expected a JSON list of objects")
+    entries = load_responses(path)
     client = JudgeClient(args.url, args.model, args.api_key)
     with tqdm(total=len(entries), desc="judge", unit="resp", dynamic_ncols=True) as bar:
         result = score_responses(client, entries, template=args.template, progress=bar.update)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from scratchllm import settings
-from scratchllm.train.pretrain import PretrainOptions, pretrain, with_saved_settings
+from scratchllm.train.pretrain import PretrainOptions, pretrain
 
 HELP = "pretrain a GPT on text files (next-token prediction)"
 DESCRIPTION = """Pretrain a GPT on your own text.
@@ -17,6 +17,8 @@ examples:
   scratchllm pretrain --data 'books/*.txt' --model gpt2-small --tokenizer gpt2:gpt2_files \\
       --context-length 256 --max-steps 2000 --dtype bfloat16 --out runs/books
   scratchllm pretrain --out runs/books --resume      # continue where it stopped
+  scratchllm pretrain --data data/web --val-data val.jsonl --tokenizer gpt2 --out runs/web
+      # data/web from `scratchllm data prepare`; --val-data in any input format
   torchrun --nproc_per_node=4 -m scratchllm pretrain --model gpt2-small ... --out runs/big
       # data-parallel (DDP) on 4 GPUs or CPU processes; add --fsdp to shard the model
 """
@@ -30,9 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_options(args: argparse.Namespace) -> PretrainOptions:
     """Defaults < --config YAML < flags; with --resume, OUT/run.json sits under the YAML."""
-    return settings.build(
-        PretrainOptions, with_saved_settings(settings.given(PretrainOptions, args))
-    )
+    values = settings.given(PretrainOptions, args)
+    return settings.build(PretrainOptions, settings.with_saved_settings(PretrainOptions, values))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--raw", action="store_true", help="train on the bytes as they are (no BOM/CRLF cleanup)"
     )
     train.add_argument("--name", default=None, help="tokenizer name (default: the --out name)")
+    train.add_argument(
+        "--force", action="store_true", help="replace --out when it already holds files"
+    )
 
     encode = sub.add_parser("encode", help="print the token ids of a text as a JSON list")
     encode.add_argument("--tokenizer", required=True, metavar="SPEC", help="tokenizer spec")
@@ -126,6 +129,7 @@ class _Bars:
 
 def _train(args: argparse.Namespace) -> int:
     from scratchllm.errors import InputError
+    from scratchllm.fs import atomic_dir, crash_point, kill_hook
     from scratchllm.tokenizers.base import EOT, PATTERNS, TIKTOKEN_FILE
     from scratchllm.tokenizers.train import check_special_tokens, check_vocab_size, train_bpe
 
@@ -133,9 +137,7 @@ def _train(args: argparse.Namespace) -> int:
     check_vocab_size(args.vocab_size, len(specials))
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be ≥ 1, got {args.workers}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
+    out = _check_out(Path(args.out), args.force)
     chunks, total = _documents(args.data, specials, clean=not args.raw)
     bars = _Bars()
     started = time.perf_counter()
@@ -154,8 +156,11 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     seconds = time.perf_counter() - started
-    tokenizer.save(out)
-    tokenizer.save_tiktoken(out / TIKTOKEN_FILE)
+    crash_point("tokenizer:trained")
+    # The folder is built aside and swapped in whole: a crash leaves the old one or the new.
+    with atomic_dir(out, hook=kill_hook("tokenizer")) as tmp:
+        tokenizer.write_files(tmp)
+        tokenizer.save_tiktoken(tmp / TIKTOKEN_FILE)
     n_merges = len(tokenizer.merges or [])
     print(
         f"trained {n_merges} merges in {seconds:.1f}s: vocab size {tokenizer.vocab_size}, "
@@ -167,6 +172,26 @@ def _train(args: argparse.Namespace) -> int:
         f"wrote {out}/ (encoder.json, vocab.bpe, {TIKTOKEN_FILE}); load it with --tokenizer {out}"
     )
     return 0
+
+
+def _check_out(out: Path, force: bool) -> Path:
+    """--out as a folder to (re)write: a file is refused, and so is a folder holding anything
+    (a tokenizer a checkpoint uses, say: new ids would silently mean other text) unless
+    --force. A save a crash cut short is finished first."""
+    from scratchllm.errors import InputError
+    from scratchllm.fs import recover_dir
+
+    recover_dir(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "a tokenizer" if any((out / n).exists() for n in _TOKENIZER_FILES) else "files"
+        raise InputError(f"--out {out}: already holds {what}; pass --force to replace it")
+    return out
+
+
+# What marks a folder as a tokenizer (for the message only: any non-empty folder is kept).
+_TOKENIZER_FILES = ("scratchllm_tokenizer.json", "encoder.json", "tokenizer.json")
 
 
 def _encode(args: argparse.Namespace) -> int:

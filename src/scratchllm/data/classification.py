@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from scratchllm.errors import InputError
+from scratchllm.utils import plural
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ def encode_texts(
             cut += 1
         out.append(ids + [tokenizer.eot_id] if append_eot else ids)
     if cut:
-        log.warning("%d of %d texts were longer than %d tokens and were cut", cut, len(texts), room)
+        # The caller reports `cut` (the CLI prints one warning): a log line would say it twice.
+        log.info("cut %d of %s to %s", cut, plural(len(texts), "text"), plural(room, "token"))
     return out, cut
 
 

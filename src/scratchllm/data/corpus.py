@@ -57,7 +57,7 @@ def _resolve_spec(spec: str) -> list[Path]:
     if path.is_dir():
         found = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not found:
-            raise InputError(f"corpus folder {spec}: no .txt files in it")
+            raise InputError(_no_txt_files(spec, path))
         return found
     if _GLOB_CHARS.search(spec):
         matches = sorted(glob.glob(str(path), recursive=True))
@@ -71,6 +71,36 @@ def _resolve_spec(spec: str) -> list[Path]:
             raise InputError(f"corpus pattern {spec!r}: matches no files")
         return found
     raise InputError(f"corpus {spec}: no such file or folder")
+
+
+def _no_txt_files(spec: str, folder: Path, scan: int = 10_000) -> str:
+    """What a folder without .txt files holds instead, and a glob that would read it."""
+    from collections import Counter
+
+    from scratchllm.utils import plural
+
+    kinds: Counter[str] = Counter()
+    nested: set[str] = set()
+    for i, p in enumerate(folder.rglob("*")):
+        if i >= scan:
+            break
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            kinds[p.suffix] += 1
+            if p.parent != folder:
+                nested.add(p.suffix)
+    name = spec if spec.endswith(("/", "\\")) else spec + "/"
+    if not kinds:
+        return f"corpus folder {spec}: no .txt files in it (nor any other files)"
+    found = ", ".join(
+        plural(n, f"{ext} file" if ext else "file without an extension")
+        for ext, n in kinds.most_common(3)
+    )
+    hint = ""
+    ext = next((e for e, _ in kinds.most_common() if e), None)
+    if ext is not None:
+        pattern = name + ("**/*" if ext in nested else "*") + ext
+        hint = f": if they are plain text, try --data '{pattern}'"
+    return f"corpus folder {spec}: no .txt files in it; found {found}{hint}"
 
 
 def resolve_paths(specs: Sequence[str]) -> list[Path]:
@@ -203,15 +233,25 @@ def iter_file_pieces(
 
 
 def iter_documents(
-    specs: Sequence[str], strip_gutenberg: bool = False
+    specs: Sequence[str],
+    strip_gutenberg: bool = False,
+    *,
+    fmt: str = "auto",
+    text_field: str = "text",
+    seed: int = 0,
 ) -> Iterator[tuple[str, str]]:
-    """(source name, text) for every document named by `specs`, in order.
+    """(source name, text) for every document named by `specs`, in order (or mixed, when a
+    spec carries a weight `SPEC:W`; `seed` draws the mix).
 
-    Each file is one document; `builtin:NAME` is one document. Whitespace-only documents are
-    skipped (they would only add an `<|endoftext|>`).
+    A text file is one document, `builtin:NAME` is one, and each record of a JSON lines, JSON,
+    Parquet or datasets input is one (`text_field` holds its text; `data/formats.py` reads
+    them). Whitespace-only documents are skipped (they would only add an `<|endoftext|>`).
     """
-    for source, path in list_sources(specs):
-        text = builtin_text(source) if path is None else read_text_file(path, strip_gutenberg)
+    from scratchllm.data import formats  # it reads text files through this module
+
+    docs = formats.iter_docs(formats.resolve(specs, fmt), text_field, strip_gutenberg, seed)
+    for source, pieces, _ in docs:
+        text = "".join(pieces)
         if not text.strip():
             log.info("skipping empty document %s", source)
             continue

@@ -153,10 +153,9 @@ def encode_examples(
                 dropped += 1  # every target predicts a prompt token: nothing left to learn from
                 continue
         examples.append(Example(ids, len(prompt), cut_target))
-    if cut:
-        log.warning(
-            "%d of %d examples were longer than %d tokens and were cut (%d dropped: no response "
-            "left)",
+    if cut:  # the counts are returned: the caller reports them once (the CLI prints a warning)
+        log.info(
+            "cut %d of %d examples to %d tokens (%d dropped: no response left)",
             cut,
             len(records),
             max_length,

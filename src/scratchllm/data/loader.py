@@ -1,14 +1,16 @@
-"""Training batches from a token array (book chapter 2's dataset, plus a resumable loader).
+"""Training batches from token ids (book chapter 2's dataset, plus a resumable loader).
 
 `SlidingWindowDataset` is the book's `GPTDatasetV1` over ids that are already tokenized.
 `BatchLoader` is what the trainer uses: deterministic given a seed, split across ranks, and
-resumable mid-epoch from `state_dict()`.
+resumable mid-epoch from `state_dict()`. Both take one array or a `ConcatTokens`, the shards of
+a prepared folder read as one stream by memory map: the windows, and so the batches, are those
+of the concatenated file.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,10 +24,88 @@ log = logging.getLogger(__name__)
 MODES = ("sliding", "random")
 
 
-def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+class ConcatTokens:
+    """Token arrays (memory-mapped shards) read as one: `len`, slices and integer-array indexing
+    as on their concatenation, without concatenating. A slice within one part is that part's
+    view; one across parts is a ConcatTokens (no copy either way)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = [np.asarray(p).reshape(-1) for p in parts if len(p)]
+        sizes = [len(p) for p in self.parts]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.dtype = self.parts[0].dtype if self.parts else np.dtype(np.uint16)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(part, offset in it) of token `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"token {index} out of range for {len(self)} tokens")
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return part, int(index - self.starts[part])
+
+    def _slice(self, start: int, stop: int) -> np.ndarray | ConcatTokens:
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        first, a = self.locate(start)
+        last, b = self.locate(stop - 1)
+        if first == last:
+            return self.parts[first][a : b + 1]
+        middle = self.parts[first + 1 : last]
+        return ConcatTokens([self.parts[first][a:], *middle, self.parts[last][: b + 1]])
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("ConcatTokens: slices with a step are not supported")
+            return self._slice(start, stop)
+        if isinstance(key, int | np.integer):
+            i = int(key) + (len(self) if key < 0 else 0)
+            part, offset = self.locate(i)
+            return self.parts[part][offset]
+        index = np.asarray(key, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"token index out of range for {len(self)} tokens")
+        flat = index.reshape(-1)
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty(flat.shape, dtype=self.dtype)
+        for part in np.unique(which).tolist():  # a batch touches one or two shards
+            mask = which == part
+            out[mask] = self.parts[part][flat[mask] - self.starts[part]]
+        return out.reshape(index.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=self.dtype)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def tolist(self) -> list[int]:
+        return np.asarray(self).tolist()
+
+    def __repr__(self) -> str:
+        return f"ConcatTokens(parts={len(self.parts)}, tokens={len(self)}, dtype={self.dtype})"
+
+
+Tokens = np.ndarray | ConcatTokens
+
+
+def as_tokens(tokens: Any) -> Tokens:
+    """A flat array, or the ConcatTokens given (its shards stay on disk)."""
+    if isinstance(tokens, ConcatTokens):
+        return tokens.parts[0] if len(tokens.parts) == 1 else tokens
+    return np.asarray(tokens).reshape(-1)
+
+
+def split_tokens(tokens: Tokens, val_fraction: float) -> tuple[Tokens, Tokens]:
     """Contiguous split: the first (1 - f) of the tokens train, the last f validate (views)."""
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"val_fraction {val_fraction}: expected a number in [0, 1)")
+    tokens = as_tokens(tokens)
     n_val = int(len(tokens) * val_fraction)
     n_train = len(tokens) - n_val
     return tokens[:n_train], tokens[n_train:]
@@ -52,10 +132,10 @@ class SlidingWindowDataset(Dataset):
     (none when N <= C). Windows are sliced on access, so a memory-mapped array stays on disk.
     """
 
-    def __init__(self, tokens: np.ndarray, context_length: int, stride: int) -> None:
+    def __init__(self, tokens: Tokens, context_length: int, stride: int) -> None:
         _check_positive("context_length", context_length)
         _check_positive("stride", stride)
-        self.tokens = np.asarray(tokens).reshape(-1)
+        self.tokens = as_tokens(tokens)
         self.context_length = int(context_length)
         self.stride = int(stride)
         self._len = num_windows(len(self.tokens), self.context_length, self.stride)
@@ -94,7 +174,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: Tokens,
         batch_size: int,
         context_length: int,
         mode: str = "sliding",
@@ -116,7 +196,7 @@ class BatchLoader:
             raise InputError(f"rank {rank}: expected 0 <= rank < world_size ({world_size})")
         if not isinstance(seed, int | np.integer) or seed < 0:
             raise InputError(f"seed {seed!r}: expected a non-negative integer")
-        self.tokens = np.asarray(tokens).reshape(-1)
+        self.tokens = as_tokens(tokens)
         n = len(self.tokens)
         if n < context_length + 1:
             raise InputError(
@@ -217,11 +297,24 @@ class BatchLoader:
             yield self.next_batch()
 
     # -- resuming ----------------------------------------------------------------------------------
+    def next_location(self) -> tuple[int, int]:
+        """(shard, offset in it) where the next batch's first window starts (shard 0 of one)."""
+        starts = self._starts(self.epoch, self.position)
+        first = int(starts[0]) if len(starts) else 0
+        if isinstance(self.tokens, ConcatTokens):
+            return self.tokens.locate(first)
+        return 0, first
+
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader is; plain ints and strings only (safe for weights_only loading)."""
+        """Where the loader is: epoch and batch position, which fix every later batch, and the
+        (shard, offset) of the next window as a check. Plain ints and strings only (safe for
+        weights_only loading)."""
+        shard, offset = self.next_location()
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "shard": shard,
+            "offset": offset,
             "seed": self.seed,
             "mode": self.mode,
             "batch_size": self.batch_size,
@@ -265,6 +358,14 @@ class BatchLoader:
         if self.position >= self._batches_per_epoch:
             self.epoch += 1
             self.position = 0
+        saved = (state.get("shard"), state.get("offset"))
+        if not changed and None not in saved and saved != self.next_location():
+            log.warning(
+                "resuming the data loader: the next window was at shard %s offset %s, now at "
+                "%s offset %s; the data changed",
+                *saved,
+                *self.next_location(),
+            )
 
     def __repr__(self) -> str:
         return (

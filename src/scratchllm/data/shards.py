@@ -13,7 +13,9 @@ Layout (little-endian, in the spirit of llm.c's .bin shards):
        256     …  the tokens
 
 Files are written to a temporary sibling and renamed into place, so a reader never sees a
-half-written file.
+half-written file. `tokenize_corpus` writes one such file (the pretraining cache); folders of
+numbered shards with an index are `data/prepare.py`'s, built from the same encoding pipeline
+(`encode_stream`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from scratchllm.data import corpus
+from scratchllm.data import formats
 from scratchllm.data.pool import default_workers, ordered_map
 from scratchllm.data.text import split_chunks
 from scratchllm.errors import InputError
 from scratchllm.fs import atomic_file
-from scratchllm.tokenizers import Tokenizer
+from scratchllm.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -212,25 +215,23 @@ def _split_document(
     yield text, True, size - done
 
 
-def _iter_tasks(
-    sources: Sequence[tuple[str, Path | None]],
-    sizes: Sequence[int],
-    strip_gutenberg: bool,
-    split: bool,
-) -> Iterator[tuple[list[tuple[str, bool]], int]]:
+Task = tuple[list[tuple[str, bool]], int]  # (text, add_eot) segments, progress bytes
+
+
+def iter_tasks(
+    docs: Iterable[formats.Document], split: bool, chunk_bytes: int | None = None
+) -> Iterator[Task]:
     """Batches of (text, add_eot) segments of about CHUNK_BYTES, with their progress bytes.
 
-    Small documents are batched together so each worker task is worth sending.
+    Small documents are batched together so each worker task is worth sending. The batching
+    depends only on the documents and CHUNK_BYTES, so a task's number names the same text in
+    every run (`data/prepare.py` resumes by it).
     """
-    chunk_chars = max(1, CHUNK_BYTES)
+    chunk_chars = max(1, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
     segments: list[tuple[str, bool]] = []
     chars = 0
     weight = 0
-    for (source, path), size in zip(sources, sizes, strict=True):
-        if path is None:
-            pieces: Iterator[str] = iter([corpus.builtin_text(source)])
-        else:
-            pieces = corpus.iter_file_pieces(path, strip_gutenberg, STREAM_BYTES, READ_BYTES)
+    for _name, pieces, size in docs:
         for text, eot, w in _split_document(pieces, size, chunk_chars, split):
             weight += w
             if text or eot:
@@ -244,19 +245,85 @@ def _iter_tasks(
         yield segments, weight
 
 
-def _encode_task(
-    tokenizer: Tokenizer, task: tuple[list[tuple[str, bool]], int]
-) -> tuple[np.ndarray, int]:
-    """The ids of one task's (text, add_eot) segments, and its progress bytes (passed through)."""
+def _array_encoder(tokenizer: Tokenizer) -> Callable[[str], np.ndarray]:
+    """`encode_ordinary` returning an array. For tiktoken BPE and bytes it skips the Python
+    list of ints, which costs a third of tiktoken's encoding time; ids are the same."""
+    method = type(tokenizer).encode_ordinary
+    if method is BPETokenizer.encode_ordinary and hasattr(tokenizer.encoding, "encode_to_numpy"):
+        enc = tokenizer.encoding
+        # No special token is allowed, and none is refused: exactly `encode_ordinary`.
+        return lambda text: enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    if method is ByteTokenizer.encode_ordinary:
+        return lambda text: np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    return lambda text: np.asarray(tokenizer.encode_ordinary(text), dtype=np.int64)
+
+
+def _encode_task(tokenizer: Tokenizer, task: Task) -> tuple[np.ndarray, int, int]:
+    """The ids of one task's (text, add_eot) segments, its progress bytes (passed through) and
+    the UTF-8 bytes of its text."""
     segments, weight = task
-    parts = []
-    eot = tokenizer.eot_id
+    encode = _array_encoder(tokenizer)
+    eot = np.array([tokenizer.eot_id], dtype=np.uint32)
+    parts: list[np.ndarray] = []
+    nbytes = 0
     for text, add_eot in segments:
-        ids = list(tokenizer.encode_ordinary(text)) if text else []
+        if text:
+            parts.append(encode(text).astype(np.uint32, copy=False))
+            nbytes += len(text.encode("utf-8"))
         if add_eot:
-            ids.append(eot)
-        parts.append(np.asarray(ids, dtype=np.uint32))
-    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)), weight
+            parts.append(eot)
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    return ids, weight, nbytes
+
+
+def _encode_numbered(
+    tokenizer: Tokenizer, item: tuple[int, Task]
+) -> tuple[int, np.ndarray, int, int]:
+    number, task = item
+    return (number, *_encode_task(tokenizer, task))
+
+
+def encode_stream(
+    specs: Sequence[formats.DataSpec],
+    tokenizer: Tokenizer,
+    workers: int,
+    *,
+    text_field: str = formats.DEFAULT_TEXT_FIELD,
+    strip_gutenberg: bool = False,
+    seed: int = 0,
+    skip: int = 0,
+    chunk_bytes: int | None = None,
+) -> Iterator[tuple[int, np.ndarray, int, int]]:
+    """(task number, ids, progress bytes, text bytes) of every task from number `skip` on.
+
+    Tasks before `skip` are read and cut (cheap) but not encoded; when there are any, one
+    (-1, no ids, their progress bytes, 0) comes first. Tasks are encoded in order by `workers`
+    processes, a few per worker in flight, so memory stays bounded.
+    """
+    split = tokenizer.splittable
+    if not split:
+        log.info("tokenizer %s is not known to be splittable: encoding whole documents", tokenizer)
+    docs = formats.iter_docs(
+        specs, text_field, strip_gutenberg, seed, stream_bytes=STREAM_BYTES, read_bytes=READ_BYTES
+    )
+    numbered = enumerate(iter_tasks(docs, split, chunk_bytes))
+    if skip > 0:
+        skipped = 0
+        for number, (_, weight) in numbered:
+            skipped += weight
+            if number + 1 >= skip:
+                break
+        yield -1, np.zeros(0, dtype=np.uint32), skipped, 0
+    yield from ordered_map(_encode_numbered, numbered, tokenizer, workers)
+
+
+def check_workers(workers: int | None, total_bytes: int) -> int:
+    """`workers`, default all CPUs; 1 for a small corpus (processes would cost more)."""
+    if workers is None:
+        workers = default_workers()
+    if workers < 1:
+        raise InputError(f"workers {workers}: expected at least 1")
+    return 1 if total_bytes <= 2 * CHUNK_BYTES else workers
 
 
 def tokenize_corpus(
@@ -266,57 +333,54 @@ def tokenize_corpus(
     strip_gutenberg: bool = False,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    *,
+    fmt: str = "auto",
+    text_field: str = formats.DEFAULT_TEXT_FIELD,
+    seed: int = 0,
 ) -> TokenFile:
-    """Tokenize the documents named by `specs` into a token file at `out_path`.
+    """Tokenize the documents named by `specs` (any format `data/formats.py` reads; `fmt`,
+    `text_field` and `seed` as there) into one token file at `out_path`.
 
-    Every document is followed by `<|endoftext|>`. Text is read file by file (big files in
-    blocks), cut into ~CHUNK_BYTES pieces at safe boundaries and encoded by `workers` processes
-    (default: all CPUs), so memory stays bounded whatever the corpus size.
+    Every document is followed by `<|endoftext|>`. Text is read document by document (big files
+    in blocks), cut into ~CHUNK_BYTES pieces at safe boundaries and encoded by `workers`
+    processes (default: all CPUs), so memory stays bounded whatever the corpus size.
     `progress(bytes_done, bytes_total)` is called as chunks complete.
     """
-    if isinstance(specs, str | Path):
-        specs = [str(specs)]
-    sources = corpus.list_sources(specs)
-    sizes = []
-    for source, path in sources:
-        if path is None:
-            sizes.append(len(corpus.builtin_text(source).encode("utf-8")))
-        else:
-            try:
-                sizes.append(path.stat().st_size)
-            except OSError as exc:
-                raise InputError(f"corpus file {path}: cannot read it ({exc.strerror})") from None
-    total = sum(sizes)
-    if workers is None:
-        workers = default_workers()
-    if workers < 1:
-        raise InputError(f"workers {workers}: expected at least 1")
-    if total <= 2 * CHUNK_BYTES:
-        workers = 1  # starting processes costs more than encoding a small corpus
-    split = tokenizer.splittable
-    if not split:
-        log.info("tokenizer %s is not known to be splittable: encoding whole documents", tokenizer)
+    data = formats.resolve(specs, fmt)
+    total = formats.total_bytes(data)
+    workers = check_workers(workers, total)
     eot = tokenizer.eot_id  # fails early if the tokenizer has no <|endoftext|>
-    label = ", ".join(map(str, specs))
+    label = ", ".join(map(str, [specs] if isinstance(specs, str | Path) else specs))
+    documents = 0
 
     def checked() -> Iterator[np.ndarray]:
+        nonlocal documents
         count = done = 0
-        tasks = _iter_tasks(sources, sizes, strip_gutenberg, split)
-        # Tasks are encoded in order, a few per worker in flight, so memory stays bounded.
-        for arr, weight in ordered_map(_encode_task, tasks, tokenizer, workers):
+        stream = encode_stream(
+            data,
+            tokenizer,
+            workers,
+            text_field=text_field,
+            strip_gutenberg=strip_gutenberg,
+            seed=seed,
+        )
+        for _, arr, weight, _ in stream:
             count += arr.size
+            documents += int(np.count_nonzero(arr == eot))
             yield arr
             done += weight
             if progress is not None:
-                progress(done, total)
+                progress(min(done, total), total)
         if count == 0:
             raise InputError(f"corpus {label}: no text found (every document is empty)")
+        if progress is not None and done < total:
+            progress(total, total)  # records skipped or a mix that stopped early
 
     write_token_file(out_path, checked(), tokenizer.vocab_size, tokenizer.fingerprint())
     token_file = TokenFile(out_path)
     log.info(
         "tokenized %d documents (%d bytes) into %d tokens with eot=%d: %s",
-        len(sources),
+        documents,
         total,
         len(token_file),
         eot,
@@ -325,20 +389,19 @@ def tokenize_corpus(
     return token_file
 
 
-def corpus_key(specs: Sequence[str], tokenizer: Tokenizer, strip_gutenberg: bool) -> str:
+def corpus_key(
+    specs: Sequence[str],
+    tokenizer: Tokenizer,
+    strip_gutenberg: bool,
+    *,
+    fmt: str = "auto",
+    text_field: str = formats.DEFAULT_TEXT_FIELD,
+    seed: int = 0,
+) -> str:
     """A hash of what a token file depends on: files (path, size, mtime), tokenizer, options."""
-    if isinstance(specs, str | Path):
-        specs = [str(specs)]
     h = hashlib.sha256(f"scratchllm-tokens-v{FORMAT_VERSION}".encode())
-    # Document order matters for the token stream, so paths are hashed in reading order.
-    for source, path in corpus.list_sources(specs):
-        if path is None:
-            text_hash = hashlib.sha256(corpus.builtin_text(source).encode("utf-8")).hexdigest()
-            h.update(f"\0{source}\0{text_hash}".encode())
-        else:
-            st = path.stat()
-            h.update(f"\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    h.update(f"\0{tokenizer.fingerprint()}\0{tokenizer.vocab_size}\0{strip_gutenberg}".encode())
+    source = formats.fingerprint(formats.resolve(specs, fmt), text_field, strip_gutenberg, seed)
+    h.update(f"\0{source}\0{tokenizer.fingerprint()}\0{tokenizer.vocab_size}".encode())
     return h.hexdigest()[:16]
 
 
@@ -349,9 +412,15 @@ def token_file_for(
     strip_gutenberg: bool = False,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    *,
+    fmt: str = "auto",
+    text_field: str = formats.DEFAULT_TEXT_FIELD,
+    seed: int = 0,
 ) -> TokenFile:
     """The token file for `specs`, from `cache_dir` when an up-to-date one is there."""
-    path = Path(cache_dir) / f"tokens-{corpus_key(specs, tokenizer, strip_gutenberg)}.bin"
+    options: dict[str, Any] = dict(fmt=fmt, text_field=text_field, seed=seed)
+    key = corpus_key(specs, tokenizer, strip_gutenberg, **options)
+    path = Path(cache_dir) / f"tokens-{key}.bin"
     if path.exists():
         try:
             cached = TokenFile(path)
@@ -365,4 +434,4 @@ def token_file_for(
                 log.info("using cached token file %s (%d tokens)", path, len(cached))
                 return cached
             log.warning("rebuilding %s: it was made with another tokenizer", path)
-    return tokenize_corpus(specs, tokenizer, path, strip_gutenberg, workers, progress)
+    return tokenize_corpus(specs, tokenizer, path, strip_gutenberg, workers, progress, **options)

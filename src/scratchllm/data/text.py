@@ -42,6 +42,22 @@ def read_error(path: Path, exc: OSError, what: str = "text file") -> InputError:
     return InputError(f"{what} {path}: cannot read it ({exc.strerror or exc})")
 
 
+def decode_text(data: bytes, what: str) -> str:
+    """`data` as UTF-8 text, or an InputError naming `what` ("--file notes.txt", "stdin line
+    3"): a binary file (invalid UTF-8, or NUL bytes) is not text."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{what}: invalid UTF-8 at byte offset {exc.start}; expected UTF-8 text"
+        ) from None
+    if "\0" in text:
+        raise InputError(
+            f"{what}: a NUL byte at offset {data.index(0)} (a binary file?); expected UTF-8 text"
+        )
+    return text
+
+
 def normalize_newlines(text: str) -> str:
     """CRLF and lone CR become LF."""
     if "\r" not in text:

@@ -6,6 +6,7 @@
   judge.py       scores responses through an OpenAI-compatible chat endpoint
   runner.py      `FinetuneRun`: the one start-to-end sequence of a run, which each task fills in
   tasks.py       `ShuffledTask`: the epoch-shuffled, resumable batches each task subclasses
+  checkpoints.py `FinetuneTrainer`: saves that load and resume, with LoRA too (merged + adapters)
 
 This module holds what the tasks share: options, choosing what trains, LoRA bookkeeping, saving.
 """
@@ -21,23 +22,24 @@ from typing import Any
 
 import torch
 
+from scratchllm.data.instruction import TEMPLATES
 from scratchllm.errors import InputError
-from scratchllm.fs import atomic_write_bytes, atomic_write_text
+from scratchllm.fs import atomic_write_text
 from scratchllm.settings import SettingError, setting
-from scratchllm.train.settings import OptimSettings
+from scratchllm.train.settings import OptimSettings, RunSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class FinetuneOptions(OptimSettings):
+class FinetuneOptions(OptimSettings, RunSettings):
     """Options every fine-tuning task takes (the flags of `scratchllm finetune TASK`)."""
 
     checkpoint: str = setting(help="base checkpoint (or run) directory")
     data: str = setting(help="training data file")
     out: str = setting(help="run directory for checkpoint/, metrics, results.json")
-    lora_rank: int = setting(0, help="LoRA rank (0 = no LoRA: `train` picks whole layers)")
-    lora_alpha: float = setting(16.0, help="LoRA alpha; updates scale by alpha/rank")
+    lora_rank: int = setting(0, help="LoRA rank (0 = no LoRA: `train` picks whole layers)", ge=0)
+    lora_alpha: float = setting(16.0, help="LoRA alpha; updates scale by alpha/rank", gt=0)
     lora_targets: str = setting("attn,ff", help="layers LoRA wraps: attn, ff or attn,ff")
     train: str | None = setting(
         None,
@@ -45,22 +47,37 @@ class FinetuneOptions(OptimSettings):
         "(default: last-1 for classify, all for instruct and dpo)",
     )
     max_length: int | None = setting(
-        None, help="tokens per example (default: the model's context length)"
+        None, help="tokens per example (default: the model's context length)", ge=2
     )
-    dropout: float | None = setting(None, help="override the checkpoint's dropout rate")
-    # Fine-tuning's own defaults for the shared optimisation settings (their help is shared).
+    dropout: float | None = setting(None, help="override the checkpoint's dropout rate", ge=0, lt=1)
+    eval_every: int | None = setting(
+        None,
+        help="evaluate and save every N steps (default: each epoch; for instruct and dpo at "
+        "least every 50 steps)",
+        ge=1,
+    )
+    split: tuple[float, float, float] = setting(
+        (0.7, 0.1, 0.2), help="train, val and test shares of the data", ge=0, le=1, flag=False
+    )
+    # Fine-tuning's own defaults for the shared optimisation settings (their help is shared);
+    # each task class sets its own epochs (and DPO its lr, instruct and DPO their split) so.
     epochs: float | None = 3.0
     lr: float = 5e-5
     eval_batches: int = 50
 
     def validate(self) -> None:
         super().validate()
-        if self.lora_rank < 0:
-            raise SettingError("lora_rank", f"must be ≥ 0, got {self.lora_rank}")
-        if self.lora_rank and not self.lora_alpha > 0:
-            raise SettingError("lora_alpha", f"must be > 0, got {self.lora_alpha}")
-        if self.max_length is not None and self.max_length < 2:
-            raise SettingError("max_length", f"must be ≥ 2, got {self.max_length}")
+        if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6:
+            raise SettingError(
+                "split", f"must be 3 shares (train, val, test) adding up to 1, got {self.split}"
+            )
+
+
+@dataclass
+class PromptSettings:
+    """The prompt template of the tasks that train on instructions (instruct, DPO)."""
+
+    template: str = setting("alpaca", help="prompt style", choices=TEMPLATES)
 
 
 def select_trainable(model: torch.nn.Module, spec: str) -> None:
@@ -76,12 +93,12 @@ def select_trainable(model: torch.nn.Module, spec: str) -> None:
         except ValueError:
             n = -1
         if not 1 <= n <= len(model.trf_blocks):
-            raise InputError(
-                f"--train {spec}: N must be 1..{len(model.trf_blocks)} (the model's blocks)"
+            raise SettingError(
+                "train", f"{spec}: N must be 1..{len(model.trf_blocks)} (the model's blocks)"
             )
         parts += [model.final_norm, *list(model.trf_blocks)[-n:]]
     elif spec != "head":
-        raise InputError(f"--train {spec!r}: expected head, last-N (e.g. last-2) or all")
+        raise SettingError("train", f"{spec!r}: expected head, last-N (e.g. last-2) or all")
     for part in parts:
         for p in part.parameters():
             p.requires_grad_(True)
@@ -111,7 +128,7 @@ def prepare_model(
     info["trainable_parameters"] = counts["trainable"]
     info["total_parameters"] = counts["total"]
     if counts["trainable"] == 0:
-        raise InputError("nothing to train: the --train selection left no trainable parameter")
+        raise SettingError("train", "left no parameter to train")
     log.info("trainable parameters: %s of %s", f"{counts['trainable']:,}", f"{counts['total']:,}")
     return info
 
@@ -124,47 +141,34 @@ def set_dropout(model: torch.nn.Module, rate: float) -> None:
             module.dropout = rate
 
 
-def save_final(
-    model: torch.nn.Module,
-    tokenizer,
-    out: Path,
-    meta: dict[str, Any],
-    base_checkpoint: str,
-) -> Path:
-    """After training with LoRA: save the adapters alone (out/adapters/), then merge them and save
-    a standard checkpoint (with the adapters kept as extra files) over the trainer's one."""
-    from safetensors.torch import save as save_tensors
+def save_final(out: Path, meta: dict[str, Any]) -> Path:
+    """After training: the trainer's last save is the final checkpoint (with LoRA: merged
+    weights, the adapters and lora.json, see `finetune.checkpoints`). Its checkpoint.json gets
+    the task's final evaluation, and a LoRA run's adapters are also copied to out/adapters/."""
+    from scratchllm.checkpoint import update_meta
+    from scratchllm.finetune.checkpoints import ADAPTER_FILES
+    from scratchllm.fs import atomic_write_bytes
 
-    from scratchllm.checkpoint import save_checkpoint
-    from scratchllm.model.lora import adapter_state_dict, has_lora, merge_lora
-
-    if not has_lora(model):
-        return out / "checkpoint"
-    blob = save_tensors(adapter_state_dict(model), metadata={"format": "pt"})
-    first = next(m for m in model.modules() if m.__class__.__name__ == "LoRALinear")
-    spec = {
-        "base_checkpoint": str(Path(base_checkpoint).resolve()),
-        "rank": first.rank,
-        "alpha": first.alpha,
-        "targets": meta.get("lora", {}).get("targets", "attn,ff"),
-        "meta": {k: v for k, v in meta.items() if k != "lora"},
-    }
-    spec_text = json.dumps(spec, indent=2) + "\n"
-    atomic_write_bytes(out / "adapters" / "adapters.safetensors", blob)
-    atomic_write_text(out / "adapters" / "lora.json", spec_text)
-    merge_lora(model)
-    extra = {"adapters.safetensors": blob, "lora.json": spec_text.encode()}
-    return save_checkpoint(out / "checkpoint", model, tokenizer, meta, None, extra)
+    path = out / "checkpoint"
+    if "eval" in meta:
+        update_meta([path], {"eval": meta["eval"]})
+    if (path / "lora.json").exists():
+        for name in ADAPTER_FILES:
+            atomic_write_bytes(out / "adapters" / name, (path / name).read_bytes())
+    return path
 
 
 def load_with_adapters(adapters_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild an unmerged LoRA model: the base checkpoint named in lora.json plus the adapters."""
+    """Rebuild an unmerged LoRA model: the base checkpoint named in lora.json plus the adapters.
+    `adapters_dir` is a LoRA run's adapters/ or any of its checkpoints (they hold both files)."""
     from safetensors.torch import load_file
 
-    from scratchllm.checkpoint import load_checkpoint
+    from scratchllm.checkpoint import load_checkpoint, resolve_checkpoint_dir
     from scratchllm.model.lora import apply_lora, load_adapter_state_dict
 
     adapters_dir = Path(adapters_dir)
+    if not (adapters_dir / "lora.json").exists() and (adapters_dir / "checkpoint").exists():
+        adapters_dir = resolve_checkpoint_dir(adapters_dir)  # a run directory
     spec_path = adapters_dir / "lora.json"
     if not spec_path.exists():
         raise InputError(f"{adapters_dir}: lora.json is missing; expected an adapters directory")
@@ -239,34 +243,34 @@ def run_trainer(
     device: torch.device,
     eval_every: int,
     sample_tokens: int = 0,
-) -> tuple[Any, float]:
-    """Configure and run the project's one `Trainer` for a fine-tuning task.
+) -> tuple[Any, Any, float]:
+    """Configure and run the project's one `Trainer` (its fine-tuning kind, whose checkpoints
+    load and resume with LoRA too) for a fine-tuning task; `opts.resume` continues `out`.
 
-    Returns the trainer (its model left in eval mode) and the training seconds; an interrupted run
-    has saved its checkpoint and raises KeyboardInterrupt so the CLI exits 130.
+    Returns the trainer (its model left in eval mode), the `TrainResult` (`interrupted` set when
+    SIGTERM stopped the run after a save) and the training seconds.
     """
     import time
 
+    from scratchllm.finetune.checkpoints import FinetuneTrainer
     from scratchllm.settings import project
     from scratchllm.train.settings import TrainConfig
-    from scratchllm.train.trainer import Trainer
 
     spe = max(1, task.steps_per_epoch())
     # The shared optimisation settings come from `opts`; the task decides the bookkeeping.
     config = project(
         opts,
         TrainConfig,
-        eval_every=eval_every,
+        eval_every=opts.eval_every or eval_every,
         log_every=max(1, min(10, spe)),
         device=str(device),
         sample_tokens=sample_tokens,
     )
     if "lora" in info:
         meta["lora"] = info["lora"]
-    trainer = Trainer(model, task, config, out, tokenizer, meta, callback)
+    trainer = FinetuneTrainer(model, task, config, out, tokenizer, meta, callback)
     start = time.perf_counter()
-    if trainer.fit().interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; stop here
-        raise KeyboardInterrupt
+    result = trainer.fit(resume=opts.resume)
     seconds = time.perf_counter() - start
     trainer.model.eval()
-    return trainer, seconds
+    return trainer, result, seconds

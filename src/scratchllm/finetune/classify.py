@@ -29,15 +29,20 @@ from scratchllm.errors import InputError
 from scratchllm.finetune import FinetuneOptions, plot_eval_metrics
 from scratchllm.finetune.runner import FinetuneRun
 from scratchllm.finetune.tasks import ShuffledTask
+from scratchllm.settings import setting
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClassifyOptions(FinetuneOptions):
-    balance: bool = False
-    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    append_eot: bool = False  # end each text with <|endoftext|> and classify from it
+    """`scratchllm finetune classify`: labelled texts, a `num_classes` head."""
+
+    balance: bool = setting(False, help="undersample classes to the smallest")
+    append_eot: bool = setting(
+        False, help="end each text with <|endoftext|> and classify from that token's state"
+    )
+    epochs: float | None = 5.0
 
 
 def pool_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -187,8 +192,6 @@ def prepare_splits(
     if opts.balance:
         data = balance(data, opts.seed)
         info["balanced_records"] = len(data)
-    if abs(sum(opts.split) - 1.0) > 1e-6:
-        raise InputError(f"split fractions {opts.split} must add up to 1")
     parts = split_indices(len(data), opts.split, opts.seed, f"--data {data.source}")
     what = f"--data {data.source}: record"
     ids, cut = encode_texts(data.texts, tokenizer, max_length, what, opts.append_eot)

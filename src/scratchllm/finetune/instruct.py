@@ -18,27 +18,29 @@ import torch.nn.functional as F
 from scratchllm.data.instruction import (
     IGNORE_INDEX,
     Example,
-    check_template,
     collate_instructions,
     encode_examples,
     format_prompt,
     load_records,
     split_records,
 )
-from scratchllm.finetune import FinetuneOptions
+from scratchllm.finetune import FinetuneOptions, PromptSettings
 from scratchllm.finetune.runner import FinetuneRun
 from scratchllm.finetune.tasks import ShuffledTask
 from scratchllm.fs import atomic_write_text
+from scratchllm.settings import setting
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class InstructOptions(FinetuneOptions):
-    template: str = "alpaca"
-    mask_prompt: bool = False
-    split: tuple[float, float, float] = (0.85, 0.05, 0.10)
-    generate_tokens: int = 256  # per test response; 0: skip generation
+@dataclass(kw_only=True)
+class InstructOptions(FinetuneOptions, PromptSettings):
+    """`scratchllm finetune instruct`: instruction/response records (Alpaca format)."""
+
+    mask_prompt: bool = setting(False, help="no loss on the prompt tokens")
+    generate_tokens: int = setting(256, help="tokens per test response (0: skip)", ge=0)
+    split: tuple[float, float, float] = (0.85, 0.05, 0.10)  # train, val, test
+    epochs: float | None = 2.0
 
 
 def masked_lm_loss(
@@ -115,11 +117,34 @@ class InstructionTask(ShuffledTask[list[Example], InstructBatch]):
         return out
 
     def sample(self, model, max_new_tokens: int) -> str | None:
+        """The greedy response to the sample prompt (an instruction in the run's template), the
+        prompt cut from the left when it and the response do not fit the context."""
         if self.tokenizer is None or not self.sample_prompt:
             return None
-        from scratchllm.inference.generate import generate_text
+        return _respond(model, self.tokenizer, self.sample_prompt, max_new_tokens)
 
-        return generate_text(model, self.tokenizer, self.sample_prompt, max_new_tokens).strip()
+
+def fit_prompt(prompt: list[int], context: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """`prompt` cut from the left so that at least min(`max_new_tokens`, half the context) new
+    tokens fit after it, and how many new tokens then fit (at most `max_new_tokens`)."""
+    room = max(1, min(max_new_tokens, context // 2))
+    prompt = prompt[-(context - room) :]
+    return prompt, max(1, min(max_new_tokens, context - len(prompt)))
+
+
+@torch.no_grad()
+def _respond(model: torch.nn.Module, tokenizer, prompt_text: str, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt_text` up to end-of-text, decoded and stripped."""
+    from scratchllm.inference.generate import generate
+
+    device = next(model.parameters()).device
+    prompt = tokenizer.encode_ordinary(prompt_text)
+    prompt, budget = fit_prompt(prompt, model.config.context_length, max_new_tokens)
+    ids = generate(model, torch.tensor([prompt], device=device), budget, eos_id=tokenizer.eot_id)
+    new = ids[0, len(prompt) :].tolist()
+    if tokenizer.eot_id in new:
+        new = new[: new.index(tokenizer.eot_id)]
+    return tokenizer.decode(new).strip()
 
 
 @torch.no_grad()
@@ -131,25 +156,12 @@ def generate_responses(
     max_new_tokens: int,
     progress=None,
 ) -> list[dict[str, str]]:
-    """Greedy responses to each record's prompt, stopping at end-of-text."""
-    from scratchllm.inference.generate import generate
-
-    context = model.config.context_length
-    device = next(model.parameters()).device
+    """Greedy responses to each record's prompt, stopping at end-of-text (a prompt too long for
+    the context and the response loses its beginning: `fit_prompt`)."""
     out = []
     for record in records:
-        prompt = tokenizer.encode_ordinary(format_prompt(record, template))
-        prompt = prompt[-(context - 1) :]  # keep room for at least one new token
-        budget = max(1, min(max_new_tokens, context - len(prompt)))
-        ids = generate(
-            model,
-            torch.tensor([prompt], device=device),
-            budget,
-            eos_id=tokenizer.eot_id,
-        )[0, len(prompt) :].tolist()
-        if tokenizer.eot_id in ids:
-            ids = ids[: ids.index(tokenizer.eot_id)]
-        out.append({**record, "model_response": tokenizer.decode(ids).strip()})
+        response = _respond(model, tokenizer, format_prompt(record, template), max_new_tokens)
+        out.append({**record, "model_response": response})
         if progress is not None:
             progress(1)
     return out
@@ -164,10 +176,6 @@ class InstructRun(FinetuneRun):
     def __init__(self, opts: InstructOptions, progress=None) -> None:
         super().__init__(opts)
         self.progress = progress
-
-    def check(self) -> None:
-        super().check()
-        check_template(self.opts.template)
 
     def load_data(self) -> None:
         records = load_records(self.opts.data)

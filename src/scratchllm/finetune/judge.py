@@ -13,6 +13,7 @@ import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from scratchllm.data.instruction import format_prompt
@@ -20,6 +21,25 @@ from scratchllm.errors import InputError
 
 log = logging.getLogger(__name__)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def load_responses(path: str | Path, flag: str = "--responses") -> list[dict[str, Any]]:
+    """The JSON list of response records to score; a missing, binary or malformed file is an
+    InputError naming `flag` and the file."""
+    from scratchllm.data.text import decode_text, read_error
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise read_error(path, exc, flag) from None
+    try:
+        entries = json.loads(decode_text(data, f"{flag} {path}"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{flag} {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise InputError(f"{flag} {path}: expected a JSON list of objects")
+    return entries
 
 
 def judge_prompt(entry: dict[str, str], response: str, template: str = "alpaca") -> str:
@@ -105,7 +125,8 @@ def score_responses(
             progress(1)
     valid = [s for s in scores if s is not None]
     if len(valid) < len(scores):
-        log.warning("%d of %d judge replies held no score", len(scores) - len(valid), len(scores))
+        # Returned as "unparsed": the caller reports it once (the CLI prints a warning).
+        log.info("%d of %d judge replies held no score", len(scores) - len(valid), len(scores))
     return {
         "scores": scores,
         "scored": len(valid),

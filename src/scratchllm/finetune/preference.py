@@ -18,20 +18,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scratchllm.data.instruction import check_template, format_prompt, load_records, split_records
-from scratchllm.errors import InputError
-from scratchllm.finetune import FinetuneOptions, plot_eval_metrics
+from scratchllm.data.instruction import format_prompt, load_records, split_records
+from scratchllm.finetune import FinetuneOptions, PromptSettings, plot_eval_metrics
 from scratchllm.finetune.runner import FinetuneRun
 from scratchllm.finetune.tasks import ShuffledTask
+from scratchllm.settings import setting
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DPOOptions(FinetuneOptions):
-    beta: float = 0.1
-    template: str = "alpaca"
-    split: tuple[float, float, float] = (0.85, 0.05, 0.10)
+@dataclass(kw_only=True)
+class DPOOptions(FinetuneOptions, PromptSettings):
+    """`scratchllm finetune dpo`: preference records (instruction, chosen, rejected)."""
+
+    beta: float = setting(0.1, help="DPO temperature β", gt=0)
+    split: tuple[float, float, float] = (0.85, 0.05, 0.10)  # train, val, test
+    epochs: float | None = 1.0
+    lr: float = 5e-6
 
 
 def dpo_loss(
@@ -85,9 +88,8 @@ def encode_pairs(
             cut += 1
         pairs.append(Pair(prompt, chosen[:room], rejected[:room]))
     if cut:
-        log.warning(
-            "%d of %d preference pairs were cut to %d tokens", cut, len(records), max_length
-        )
+        # The count is returned: the caller reports it once (the CLI prints a warning).
+        log.info("cut %d of %d preference pairs to %d tokens", cut, len(records), max_length)
     return pairs, cut
 
 
@@ -188,12 +190,6 @@ class DPORun(FinetuneRun):
 
     kind = "dpo"
     opts: DPOOptions
-
-    def check(self) -> None:
-        super().check()
-        check_template(self.opts.template)
-        if not self.opts.beta > 0:
-            raise InputError(f"--beta must be > 0, got {self.opts.beta}")
 
     def load_data(self) -> None:
         self.records = load_records(self.opts.data, ("instruction", "chosen", "rejected"))

@@ -1,16 +1,20 @@
 """One fine-tuning run from start to end: the sequence that classify, instruct and DPO share.
 
-    check the options*, read the data* (before the model, so bad data fails fast), load the
-    checkpoint, encode and split the data*, seed, set dropout, adapt the model* (a classification
-    head, DPO's frozen reference), apply LoRA or --train, build the task*, train with the one
-    `Trainer`, final metrics, plots and outputs*, save the final checkpoint (with LoRA: the
-    adapters alone, then merged), write results.json.
+    check the options* and the run directory, read the data* (before the model, so bad data
+    fails fast), load the checkpoint, encode and split the data*, seed, set dropout, adapt the
+    model* (a classification head, DPO's frozen reference), apply LoRA or `train`, build the
+    task*, write run.json, train with the one `Trainer` (or continue the run: `resume`), final
+    metrics, plots and outputs*, the final evaluation into checkpoint/ (with LoRA: the adapters
+    also into adapters/), write results.json.
 
 A task fills in the starred steps by subclassing `FinetuneRun`; everything else happens here once.
+Every save is a loadable, resumable checkpoint, with LoRA too (`finetune.checkpoints`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from scratchllm.finetune import (
     write_results,
 )
 from scratchllm.finetune.tasks import ShuffledTask
+from scratchllm.settings import SettingError
 
 
 class FinetuneRun(ABC):
@@ -45,8 +50,23 @@ class FinetuneRun(ABC):
         self.out = Path(opts.out)
 
     def check(self) -> None:
-        """Check the options; a task checks its own after calling this."""
+        """Check the options and the run directory; a task checks its own after calling this."""
+        from scratchllm.checkpoint import recover_interrupted_save
+        from scratchllm.fs import file_in_the_way
+
         self.opts.validate()
+        out = self.out
+        if (blocker := file_in_the_way(out)) is not None:  # before any work, not at the save
+            raise SettingError("out", f"{out}: {blocker} is a file; expected a folder")
+        if self.opts.resume:
+            recover_interrupted_save(out)
+            if not (out / "checkpoint" / "train_state.pt").exists():
+                raise SettingError("resume", f"{out} holds no checkpoint to continue")
+        elif (out / "results.json").exists() or (out / "checkpoint").exists():
+            raise SettingError(
+                "out",
+                f"{out} already holds a run; pass `resume` to continue it or pick a new `out`",
+            )
 
     @abstractmethod
     def load_data(self) -> None:
@@ -85,8 +105,10 @@ class FinetuneRun(ABC):
         outputs, what checkpoint.json should keep (`meta["eval"]`)."""
 
     def run(self, callback: Any = None) -> dict[str, Any]:
-        """Train, save out/checkpoint and out/results.json; returns the results."""
+        """Train, save out/checkpoint and out/results.json; returns the results. A run stopped by
+        SIGTERM returns at once: {"interrupted": "SIGTERM", "step": N, "checkpoint": PATH}."""
         from scratchllm.checkpoint import load_checkpoint
+        from scratchllm.fs import atomic_write_text
         from scratchllm.utils import pick_device, seed_everything
 
         opts = self.opts
@@ -111,7 +133,9 @@ class FinetuneRun(ABC):
             "base_checkpoint": str(ckpt.path),
             "title": f"{self.kind} {Path(opts.data).name}",
         }
-        trainer, seconds = run_trainer(
+        run = json.dumps(dataclasses.asdict(opts), indent=2) + "\n"
+        atomic_write_text(self.out / "run.json", run)  # what `resume` continues with
+        trainer, result, seconds = run_trainer(
             self.model,
             task,
             opts,
@@ -124,6 +148,12 @@ class FinetuneRun(ABC):
             self.eval_every(spe),
             self.sample_tokens(),
         )
+        if result.interrupted:
+            return {
+                "interrupted": result.interrupted,
+                "step": trainer.step,
+                "checkpoint": str(result.checkpoint),
+            }
         model = trainer.model
         records = trainer.metrics.read()
         results: dict[str, Any] = {"task": self.kind, **info}
@@ -132,8 +162,6 @@ class FinetuneRun(ABC):
         results["steps"] = trainer.step
         results["train_seconds"] = seconds
         self.finish(model, records, results, meta)
-        results["checkpoint"] = str(
-            save_final(model, self.tokenizer, self.out, meta, opts.checkpoint)
-        )
+        results["checkpoint"] = str(save_final(self.out, meta))
         write_results(self.out, results)
         return results

@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from scratchllm.errors import InputError
+from scratchllm.settings import SettingError
 
 S = TypeVar("S", bound=Sized)  # a split: examples, pairs, labelled ids
 B = TypeVar("B")  # a collated batch, whatever the task's loss reads
@@ -41,7 +42,7 @@ class ShuffledTask(ABC, Generic[S, B]):
         if train is None or not len(train):
             raise InputError(f"{what}: the training split is empty")
         if batch_size < 1:
-            raise InputError(f"--batch-size must be ≥ 1, got {batch_size}")
+            raise SettingError("batch_size", f"must be ≥ 1, got {batch_size}")
         self.splits = splits
         self.train = train
         self.batch_size = batch_size

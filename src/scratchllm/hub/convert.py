@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from scratchllm.config import ModelConfig
-from scratchllm.errors import CheckpointError, InputError
-from scratchllm.fs import atomic_dir
+from scratchllm.errors import InputError
+from scratchllm.fs import atomic_dir, kill_hook, recover_dir
 from scratchllm.hub.families import export_spec, hf_config_dict, hf_spec
 from scratchllm.hub.names import (
     check_source,
@@ -91,8 +91,25 @@ def detect_format(path: str | Path) -> str:
     )
 
 
+def _check_paths(source: Path, out: Path) -> None:
+    """Refuse an --out that is, holds or lies inside --from (symlinks resolved): replacing it
+    would delete the source (`--from run/checkpoint --out run --force`) or write into it."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src:
+        raise InputError(f"--out {out}: is --from {source}; expected a folder outside it")
+    if src.is_relative_to(dst):
+        raise InputError(
+            f"--out {out}: holds --from {source}, which writing it would replace; "
+            "expected a folder outside it"
+        )
+    if dst.is_relative_to(src):
+        raise InputError(f"--out {out}: lies inside --from {source}; expected a folder outside it")
+
+
 def _check_out(out: Path, force: bool) -> None:
-    """Refuse to replace what the user did not ask to replace (the write itself is atomic)."""
+    """Refuse to replace what the user did not ask to replace (the write itself is atomic).
+    A write a crash cut short between its two renames is finished first (the old copy back)."""
+    recover_dir(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is a file")
     if out.exists() and any(out.iterdir()) and not force:
@@ -136,6 +153,7 @@ def import_hf(
     from scratchllm.tokenizers.hf import keep_merges, merges_file_of, tokenizer_from_model_dir
 
     source, out = Path(source), Path(out)
+    _check_paths(source, out)
     fmt = detect_format(source) if fmt == "auto" else fmt
     if fmt == "tf":
         config_source = str(source / "hparams.json")
@@ -199,28 +217,22 @@ def export_hf(
     force: bool = False,
 ) -> ConvertResult:
     """Write a scratchllm checkpoint as a Hugging Face folder (config, safetensors, tokenizer)."""
-    from scratchllm.checkpoint import resolve_checkpoint_dir
-    from scratchllm.tokenizers import load_tokenizer
+    from scratchllm.checkpoint import read_checkpoint_config, resolve_checkpoint_dir
     from scratchllm.tokenizers.hf import export_tokenizer
 
-    ckpt = resolve_checkpoint_dir(checkpoint)
     out = Path(out)
-    try:
-        config = ModelConfig.from_json(ckpt / "config.json")
-    except InputError as exc:
-        raise CheckpointError(f"checkpoint {ckpt}: bad config.json: {exc}") from None
+    _check_paths(Path(checkpoint), out)
+    ckpt = resolve_checkpoint_dir(checkpoint)
+    config, tok, _ = read_checkpoint_config(ckpt)  # its tokenizer/ checked against its record
     spec = export_spec(config, str(ckpt / "config.json"))
     shapes = expected_shapes(config)
     steps = export_plan(spec, shapes)
-    if not (ckpt / "tokenizer").exists():
-        raise CheckpointError(f"checkpoint {ckpt}: tokenizer/ is missing")
-    tok = load_tokenizer(ckpt / "tokenizer")
     with SafetensorsFile(ckpt / "model.safetensors") as src:
         what = f"a scratchllm {spec.architecture}-shaped model"
         check_source(steps, src, lambda k: spec.tied and k == "out_head.weight", what)
         out_dtype = _parse_dtype(dtype) or src.info()["tok_emb.weight"].dtype
         _check_out(out, force)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, hook=kill_hook("convert")) as tmp:
             eos_id, bos_id = export_tokenizer(tok, ckpt / "tokenizer", tmp, config.context_length)
             hf = hf_config_dict(spec, out_dtype, eos_id, bos_id)
             (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -254,8 +266,7 @@ def convert(
         raise InputError(f"--from {source}: is already a scratchllm checkpoint (use --to hf)")
     if detected in ("hf", "tf") and to == "hf":
         raise InputError(f"--from {source}: is already a Hugging Face folder (use --to scratchllm)")
-    if Path(out).resolve() == Path(source).resolve():
-        raise InputError(f"--out {out}: must differ from --from")
+    _check_paths(Path(source), Path(out))  # before reading anything
     if detected == "scratchllm":
         return export_hf(source, out, dtype=dtype, force=force)
     return import_hf(source, out, dtype=dtype, tokenizer=tokenizer, force=force, fmt=detected)

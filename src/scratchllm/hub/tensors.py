@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import torch
 
 from scratchllm.errors import CheckpointError, InputError
+from scratchllm.fs import crash_point
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -219,7 +220,7 @@ class ShardedSource(TensorSource):
         try:
             for name, file in weight_map.items():
                 if file not in self._shards:
-                    shard_path = index_path.parent / file
+                    shard_path = _shard_path(index_path, name, file)
                     if not shard_path.exists():
                         raise InputError(f"{index_path}: shard {file} is missing")
                     self._shards[file] = open_weights_file(shard_path)
@@ -245,6 +246,23 @@ class ShardedSource(TensorSource):
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
+
+
+def _shard_path(index_path: Path, name: str, file: object) -> Path:
+    """The shard `file` that the index names for tensor `name`: a file in the model folder,
+    never a path that leaves it (`../../etc/passwd`, `/abs/path`). The check is on the name:
+    a shard that is a symlink into a cache (the Hugging Face hub's blobs/) is the folder's own."""
+    if not isinstance(file, str) or not file:
+        raise CheckpointError(
+            f"{index_path}: weight_map entry {name!r} is {file!r}; expected a shard file name"
+        )
+    parts = Path(file).parts
+    if Path(file).is_absolute() or ".." in parts or not parts or "\0" in file:
+        raise InputError(
+            f"{index_path}: weight_map entry {name!r} names {file!r}, outside the model folder; "
+            "expected a shard file in it"
+        )
+    return index_path.parent / file
 
 
 def open_weights_file(path: Path) -> TensorSource:
@@ -293,7 +311,7 @@ def write_safetensors(
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
-        for name, info, produce in items:
+        for i, (name, info, produce) in enumerate(items):
             tensor = produce()
             if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
                 raise RuntimeError(
@@ -303,6 +321,9 @@ def write_safetensors(
             if tensor.numel():
                 fh.write(bytes_view(tensor.contiguous()))
             del tensor
+            if i == 0:  # the kill tests' "torn file" moment: one tensor on disk, more to come
+                fh.flush()
+                crash_point("safetensors:partial")
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -56,14 +56,26 @@ def chat_prompt(
     return tokenizer.encode_ordinary(alpaca_prompt(messages)), ALPACA_STOPS
 
 
+def default_reply_tokens(context_length: int) -> int:
+    """The reply budget when none is given: a quarter of the context, at most 256 tokens."""
+    return max(1, min(256, context_length // 4))
+
+
 @dataclass
 class ChatSession:
-    """A conversation that keeps its history within the context window (the `chat` command)."""
+    """A conversation that keeps its history within the context window (the `chat` command).
+
+    Each prompt is the history plus the new message, the oldest turns dropped until it leaves
+    room for `params.max_tokens`. A message that leaves less room even alone gets a shorter
+    reply (what is left of the context); one that fills the context is an `InputError`.
+    """
 
     engine: Engine
     params: SamplingParams
     system: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
+    dropped: int = 0  # turns (a message and its reply) the last `send` dropped to fit
+    reply_tokens: int = 0  # the token budget of the last `send`'s reply
 
     def reset(self) -> None:
         self.history.clear()
@@ -71,10 +83,11 @@ class ChatSession:
     def prompt(self, user: str) -> tuple[list[int], tuple[str, ...], int]:
         """Prompt ids for the history plus `user`, dropping the oldest turns until it fits.
 
-        Returns (ids, stop strings, turns dropped); `InputError` if even the new message alone
-        leaves no room for `params.max_tokens`.
+        Returns (ids, stop strings, turns dropped). Without any history the prompt may leave
+        less than `params.max_tokens` (see the class docstring); `InputError` if it leaves none.
         """
-        room = self.engine.context_length - self.params.max_tokens
+        context = self.engine.context_length
+        room = context - self.params.max_tokens
         dropped = 0
         while True:
             messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
@@ -85,18 +98,28 @@ class ChatSession:
             if len(ids) <= room:
                 return ids, stops, dropped
             if 2 * dropped >= len(self.history):
+                if len(ids) < context:
+                    return ids, stops, dropped
                 raise InputError(
-                    f"message of {len(ids)} prompt tokens leaves no room for {self.params.max_tokens} "
-                    f"new tokens in the context of {self.engine.context_length}"
+                    f"message too long: {len(ids)} tokens with the chat template, and the "
+                    f"context holds {context} (a reply needs at least 1)"
                 )
             dropped += 1
 
     def send(self, user: str) -> Iterator[str]:
-        """Stream the reply to `user` and add both to the history."""
-        ids, stops, dropped = self.prompt(user)
-        if dropped:
-            self.history = self.history[2 * dropped :]
-        params = SamplingParams(**{**self.params.__dict__, "stop": (*self.params.stop, *stops)})
+        """Stream the reply to `user`; both join the history once the reply is complete (a
+        reply stopped early, by closing this iterator, leaves the history as it was)."""
+        ids, stops, self.dropped = self.prompt(user)
+        if self.dropped:
+            self.history = self.history[2 * self.dropped :]
+        self.reply_tokens = min(self.params.max_tokens, self.engine.context_length - len(ids))
+        params = SamplingParams(
+            **{
+                **self.params.__dict__,
+                "max_tokens": self.reply_tokens,
+                "stop": (*self.params.stop, *stops),
+            }
+        )
         reply = ""
         for event in self.engine.stream(ids, params):
             reply += event.text

@@ -10,27 +10,35 @@ streaming (`stream`) and the HTTP server (a background thread started with `star
 Per sequence: its own stop ids, stop strings (cut exactly, never streamed in part), token limit,
 sampling settings and seeded `torch.Generator`; `n` samples of one prompt share one prefill. Text
 is decoded incrementally as UTF-8, so a stream never splits a multi-byte character. Tokens are
-drawn by the one sampler in `scratchllm.inference.sampling`.
+drawn by the one sampler in `scratchllm.inference.sampling`; with `SamplingParams.logprobs` each
+one's log-probability is taken from the same logits (`scratchllm.inference.scoring`). Other work on
+the model, such as scoring whole prompts, runs on the stepping thread between steps (`call`).
 """
 
 from __future__ import annotations
 
 import codecs
-import itertools
 import logging
-import math
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from scratchllm.errors import InputError
 from scratchllm.inference.decode import DecodeStep
+from scratchllm.inference.requests import (  # noqa: F401  (re-exported: the engine's API)
+    Completion,
+    Event,
+    Request,
+    SamplingParams,
+    TokenLogprob,
+)
 from scratchllm.inference.sampling import apply_repetition_penalty, sample_next
+from scratchllm.inference.scoring import record_logprobs
 from scratchllm.model.attention import BatchKVCache
 from scratchllm.model.gpt import GPTModel
 from scratchllm.tokenizers import Tokenizer
@@ -39,117 +47,6 @@ log = logging.getLogger(__name__)
 
 # Room reserved beyond the prompt when a batch's cache is first allocated; it doubles as needed.
 _CACHE_HEADROOM = 128
-
-
-@dataclass
-class SamplingParams:
-    """How to continue one prompt. Temperature 0 is greedy."""
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
-    stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's `stop_ids`
-    n: int = 1  # samples of the same prompt (they share one prefill)
-
-    def validate(self) -> None:
-        """Raise `InputError` naming the first setting out of range."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
-            raise InputError(f"seed must be an integer, got {self.seed!r}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be ≥ 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise InputError(f"top_k must be ≥ 0, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise InputError(f"n must be a positive integer, got {self.n!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError("stop: every stop string must be a non-empty string")
-
-
-@dataclass
-class Completion:
-    """One finished sample: its text (cut at a stop string), token ids and why it ended."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (stop id or stop string) | "length" | "cancelled"
-
-
-@dataclass
-class Event:
-    """A streamed piece of sample `index`; the last piece of a sample carries `finish_reason`."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-
-
-_request_ids = itertools.count()
-
-
-class Request:
-    """A prompt in the engine. Events reach `on_event` from the stepping thread; `None` last."""
-
-    def __init__(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        on_event: Callable[[Event | None], Any] | None = None,
-    ) -> None:
-        self.id = next(_request_ids)
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.on_event = on_event
-        self.cancelled = False
-        self.error: BaseException | None = None
-        self.completions: list[Completion | None] = [None] * params.n
-        self.done = threading.Event()
-        self._open = params.n
-
-    def cancel(self) -> None:
-        """Stop generating for this request; its rows leave the batch at the next step."""
-        self.cancelled = True
-
-    def _send(self, event: Event | None) -> None:
-        if self.on_event is None:
-            return
-        try:
-            self.on_event(event)
-        except Exception:  # a consumer that went away (closed event loop): stop working for it
-            log.debug("request %d: event consumer failed; cancelling", self.id, exc_info=True)
-            self.cancelled = True
-
-    def _complete(self, completion: Completion) -> None:
-        self.completions[completion.index] = completion
-        self._open -= 1
-        if self._open == 0:
-            self._finish()
-
-    def _fail(self, error: BaseException) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self._finish()
-
-    def _finish(self) -> None:
-        self.done.set()
-        self._send(None)
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:
@@ -185,6 +82,7 @@ class _Sequence:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
+        self.logprobs: list[TokenLogprob] | None = None if self.params.logprobs is None else []
         if self.params.seed is not None and self.params.temperature > 0:
             self.generator = torch.Generator(device=device)
             # n samples get seeds seed, seed+1, ...: wrapped into the 64 bits a generator takes.
@@ -255,7 +153,13 @@ class _Sequence:
 
     def _complete(self) -> None:
         self.request._complete(
-            Completion(self.index, self.text, list(self.tokens), self.finish_reason or "stop")
+            Completion(
+                self.index,
+                self.text,
+                list(self.tokens),
+                self.finish_reason or "stop",
+                self.logprobs,
+            )
         )
 
 
@@ -288,6 +192,7 @@ class Engine:
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()
         self._step_lock = threading.Lock()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._active: list[_Sequence] = []
         self._cache: BatchKVCache | None = None
         self._last: torch.Tensor | None = None  # (B,) the token each active row feeds next
@@ -397,7 +302,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._pending and not self._active:
+                while not (self._stopping or self._pending or self._active or self._calls):
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -413,13 +318,45 @@ class Engine:
     def _fail_all(self, exc: BaseException, pending: bool = True) -> None:
         with self._step_lock:
             requests = {s.request.id: s.request for s in self._active}
+            calls: list[Future] = []
             if pending:
                 with self._cond:
                     requests.update({r.id: r for r in self._pending})
                     self._pending.clear()
+                    calls = [future for _, future in self._calls]
+                    self._calls.clear()
             self._active, self._cache, self._last = [], None, None
         for request in requests.values():
             request._fail(exc)
+        for future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+
+    # -- other work on the model, between steps ------------------------------------------------
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn()` on the stepping thread between two steps (under inference mode), so that
+        it never races the decode loop: scoring prompts, say. Its result or exception lands in
+        the future; `result(future)` waits for it, stepping when no background thread runs."""
+        future: Future = Future()
+        with self._cond:
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def result(self, future: Future) -> Any:
+        """The result of a `call`, once it has run."""
+        while not future.done() and not self.running:
+            self.step()
+        return future.result()
+
+    def _run_calls(self) -> None:
+        if self._calls:  # one per step: the rows being decoded advance between calls
+            fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # the caller's failure, not the engine's
+                    future.set_exception(exc)
 
     @property
     def load(self) -> dict[str, int]:
@@ -439,8 +376,9 @@ class Engine:
             if self._active:
                 self._decode()
             self._admit()
+            self._run_calls()
             self.steps += 1
-            return bool(self._active or self._pending)
+            return bool(self._active or self._pending or self._calls)
 
     def _drop_cancelled(self) -> None:
         keep = []
@@ -478,6 +416,7 @@ class Engine:
                 attn_mask=cache.decode_mask(),
             )[:, -1]
         tokens = self._sample(logits, self._active)
+        record_logprobs(logits, self._active, tokens)
         # A failed row's placeholder: the row leaves the batch just below.
         self._last = torch.tensor([0 if t is None else t for t in tokens], device=self.device)
         keep = [
@@ -550,6 +489,7 @@ class Engine:
             for j in range(r.params.n)
         ]
         tokens = self._sample(logits, seqs)
+        record_logprobs(logits, seqs, tokens)
         keep = [
             i for i, (seq, t) in enumerate(zip(seqs, tokens, strict=True)) if self._accept(seq, t)
         ]

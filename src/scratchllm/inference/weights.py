@@ -127,6 +127,7 @@ class Int8Linear(nn.Module):
             xk = x2d.to(_KERNEL_DTYPE).contiguous()
             if xk.data_ptr() % 64:
                 xk = xk.clone()
+            # Private op: torch has no public matmul with int8 weights and per-row scales.
             y = torch.ops.aten._weight_int8pack_mm(xk, self.weight_int8, self.scales.to(xk.dtype))
             y = y.to(x.dtype)
         else:  # odd widths (or a device the kernel lacks): dequantize, slower but correct
@@ -187,6 +188,7 @@ class PackedLinear(nn.Module):
             layout = "gemv"  # a torch without oneDNN still gets the one-row layout
         self.layout = layout
         self.weight_t = weight.t().contiguous() if layout != "onednn" else None
+        # Private oneDNN ops (as torch.compile's CPU backend uses them): no public packed linear.
         self.packed_weight = (
             torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
             if layout != "gemv"

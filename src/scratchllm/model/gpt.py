@@ -43,6 +43,15 @@ class GPTModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        try:
+            self._build(config)
+        except (MemoryError, RuntimeError) as exc:  # a size no memory holds: name its field
+            error = config.allocation_error(exc)
+            if error is None:
+                raise
+            raise error from None
+
+    def _build(self, config: ModelConfig) -> None:
         self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
         learned = config.pos_embedding == "learned"
         self.pos_emb = nn.Embedding(config.context_length, config.emb_dim) if learned else None

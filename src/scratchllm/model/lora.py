@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from scratchllm.errors import InputError
+from scratchllm.settings import SettingError
 
 # Names of linear layers inside a TransformerBlock, by group.
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -29,7 +30,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
         if rank < 1:
-            raise InputError(f"--lora-rank must be ≥ 1, got {rank}")
+            raise SettingError("lora_rank", f"must be ≥ 1, got {rank}")
         self.base = base
         self.rank = rank
         self.alpha = alpha
@@ -59,10 +60,10 @@ def parse_targets(spec: str | Iterable[str]) -> tuple[str, ...]:
     names: list[str] = []
     for group in groups:
         if group not in TARGETS:
-            raise InputError(f"--lora-targets: unknown group {group!r}; choose from attn, ff")
+            raise SettingError("lora_targets", f"unknown group {group!r}; choose from attn, ff")
         names.extend(TARGETS[group])
     if not names:
-        raise InputError("--lora-targets: name at least one of attn, ff")
+        raise SettingError("lora_targets", "name at least one of attn, ff")
     return tuple(names)
 
 
@@ -86,7 +87,7 @@ def apply_lora(
                 setattr(module, child_name, LoRALinear(child, rank, alpha))
                 wrapped.append(full)
     if not wrapped:
-        raise InputError(f"--lora-targets: no linear layer in the model matches {suffixes}")
+        raise SettingError("lora_targets", f"no linear layer in the model matches {suffixes}")
     prefixes = tuple(trainable)
     for name, p in model.named_parameters():
         if "lora_" in name or (prefixes and name.startswith(prefixes)):

@@ -6,7 +6,9 @@ a self-contained chat page. Requests are batched by the engine's background thre
 that disconnects (streaming or not) cancels its request, which frees its rows at the next step.
 Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}, for every status,
 500 included. What one request may ask is bounded (`serve/guards.py`); prompts are tokenized off
-the event loop, so a large one never stalls other clients or `/health`.
+the event loop, so a large one never stalls other clients or `/health`. Prompts may be token ids;
+log-probabilities (`logprobs`, `echo`, `max_tokens: 0` to score only) are in `serve/logprobs.py`,
+and vLLM's `/tokenize`, `/detokenize`, `/tokenizer_info` (for lm-eval) in `serve/tokenize.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from scratchllm.errors import InputError
 from scratchllm.inference.chat import chat_prompt
 from scratchllm.inference.engine import Completion, Engine, Event, SamplingParams
+from scratchllm.inference.scoring import check_prompt
 from scratchllm.serve.guards import RequestGuard, ServerLimits, allowed_hosts
+from scratchllm.serve.logprobs import chat_logprobs, legacy_logprobs, score_prompts
 from scratchllm.serve.schemas import (
     DEFAULT_CHAT_MAX_TOKENS,
     ERROR_RESPONSES,
@@ -40,6 +44,7 @@ from scratchllm.serve.schemas import (
     _stops,
     error_body,
 )
+from scratchllm.serve.tokenize import TOKENIZER_PATHS, add_tokenizer_routes
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +119,8 @@ def create_app(
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        path = request.url.path
+        if api_key and (path.startswith("/v1/") or path in TOKENIZER_PATHS):
             header = request.headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not secrets.compare_digest(given.encode(), api_key.encode()):
@@ -252,13 +258,19 @@ def create_app(
         check_model(name)
         return {"id": model_name, "object": "model", "created": created, "owned_by": "scratchllm"}
 
+    add_tokenizer_routes(app, engine, check_model)
+
     def check_tokens(encoded: list[list[int]], params: list[SamplingParams]) -> None:
         for ids, p in zip(encoded, params, strict=True):
             try:
                 engine.check(ids, p)  # each prompt on its own first: the context is the limit
             except InputError as exc:
                 raise engine_error(exc) from None
-        total = sum(p.n * (len(ids) + p.max_tokens) for ids, p in zip(encoded, params, strict=True))
+        check_budget(
+            sum(p.n * (len(i) + p.max_tokens) for i, p in zip(encoded, params, strict=True))
+        )
+
+    def check_budget(total: int) -> None:
         if total > limits.max_request_tokens:
             raise APIError(
                 400,
@@ -268,13 +280,19 @@ def create_app(
                 "request_too_large",
             )
 
-    def encode_all(prompts: list[str]) -> list[list[int]]:
+    def encode_all(prompts: list[str | list[int]]) -> list[list[int]]:
         encoded = []
-        for text in prompts:
+        for n, prompt in enumerate(prompts):
             try:
-                ids = engine.encode(text)
+                if isinstance(prompt, str):
+                    ids = engine.encode(prompt)
+                else:  # token ids: in the vocabulary and within the context, else 400
+                    where = "prompt" if len(prompts) == 1 else f"prompt[{n}]"
+                    check_prompt(prompt, engine.config.vocab_size, context, where)
+                    ids = prompt
             except InputError as exc:
-                raise APIError(400, f"prompt: {exc}", "prompt") from None
+                message = str(exc) if str(exc).startswith("prompt") else f"prompt: {exc}"
+                raise APIError(400, message, "prompt") from None
             if not ids:
                 raise APIError(400, "prompt: empty prompt; give some text", "prompt")
             encoded.append(ids)
@@ -283,7 +301,7 @@ def create_app(
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, client: Request):
         check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = body.prompts()
         if not prompts or (len(prompts) > 1 and body.stream):
             raise APIError(400, "prompt: give one prompt (a list only without stream)", "prompt")
         if len(prompts) > limits.max_prompts:
@@ -294,16 +312,32 @@ def create_app(
                 "prompt",
                 "too_many_prompts",
             )
+        if body.stream and body.logprobs is not None:
+            raise APIError(400, "logprobs: not available with stream; ask without", "logprobs")
+        score_only = body.max_tokens == 0 and not body.max_completion_tokens
+        if score_only and (not body.echo or body.stream):
+            message = "max_tokens: 0 only scores the prompt: give echo: true, without stream"
+            raise APIError(400, message, "max_tokens")
         encoded = await asyncio.to_thread(encode_all, prompts)
+        tok = engine.tokenizer
+        texts = [
+            p if isinstance(p, str) else tok.decode(i)
+            for p, i in zip(prompts, encoded, strict=True)
+        ]
         rid = f"cmpl-{secrets.token_hex(12)}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time())}
         head["model"] = model_name
-        params_list = [sampling(body, len(ids), 16) for ids in encoded]
-        check_tokens(encoded, params_list)
+        if score_only:
+            check_budget(sum(body.n * len(ids) for ids in encoded))
+        else:
+            params_list = [sampling(body, len(ids), 16) for ids in encoded]
+            for p in params_list:
+                p.logprobs = body.logprobs
+            check_tokens(encoded, params_list)
         if body.stream:
             params = params_list[0]
             stream = await events(encoded[0], params)
-            echo = prompts[0] if body.echo else ""
+            echo = texts[0] if body.echo else ""
 
             async def body_iter() -> AsyncIterator[str]:
                 sent_echo = set()
@@ -317,17 +351,29 @@ def create_app(
                 yield sse("[DONE]")
 
             return StreamingResponse(body_iter(), media_type="text/event-stream")
+        scores: list[Any] = [None] * len(encoded)
+        if body.echo and body.logprobs is not None:
+            scores = await score_prompts(engine, encoded, body.logprobs)
+        if score_only:
+            empty = [Completion(j, "", [], "length", []) for j in range(body.n)]
+            results = [empty] * len(encoded)
+        else:
+            results = await asyncio.gather(
+                *(run(ids, p, client) for ids, p in zip(encoded, params_list, strict=True))
+            )
         choices, total_usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        results = await asyncio.gather(
-            *(run(ids, p, client) for ids, p in zip(encoded, params_list, strict=True))
-        )
-        for i, (text, ids, done) in enumerate(zip(prompts, encoded, results, strict=True)):
+        for i, (text, ids, done) in enumerate(zip(texts, encoded, results, strict=True)):
+            echo = text if body.echo else ""
             for c in done:
+                logprobs = None
+                if body.logprobs is not None:
+                    prompt = (ids, scores[i]) if body.echo else (None, None)
+                    logprobs = legacy_logprobs(tok, c, *prompt, echo_length=len(echo))
                 choices.append(
                     {
                         "index": i * body.n + c.index,
-                        "text": (text if body.echo else "") + c.text,
-                        "logprobs": None,
+                        "text": echo + c.text,
+                        "logprobs": logprobs,
                         "finish_reason": c.finish_reason,
                     }
                 )
@@ -351,6 +397,12 @@ def create_app(
         params = sampling(body, len(ids), None)
         check_tokens([ids], [params])
         params.stop = (*params.stop, *template_stops)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs: give logprobs: true with it", "top_logprobs")
+        if body.logprobs:
+            if body.stream:
+                raise APIError(400, "logprobs: not available with stream; ask without", "logprobs")
+            params.logprobs = body.top_logprobs or 0
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         head = {"id": rid, "object": "chat.completion", "created": int(time.time())}
         head["model"] = model_name
@@ -387,7 +439,7 @@ def create_app(
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": None,
+                "logprobs": chat_logprobs(engine.tokenizer, c) if body.logprobs else None,
                 "finish_reason": c.finish_reason,
             }
             for c in done

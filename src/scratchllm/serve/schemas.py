@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 DEFAULT_CHAT_MAX_TOKENS = 512
+MAX_TOP_LOGPROBS = 20  # the most alternatives per position (OpenAI: 5 legacy, 20 chat)
 
 
 class APIError(Exception):
@@ -73,6 +74,24 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(type(t) is int for t in value)
+
+
+def _prompt(value: Any) -> str | list[str] | list[int] | list[list[int]]:
+    """A prompt as OpenAI takes it: a string, strings, token ids, or lists of token ids."""
+    if isinstance(value, str):
+        return _unicode(value)
+    if isinstance(value, list) and all(isinstance(p, str) for p in value):
+        return [_unicode(p) for p in value]
+    if _is_ids(value) or (isinstance(value, list) and all(_is_ids(p) for p in value)):
+        return value
+    raise ValueError(
+        "expected a string, a list of strings, a list of token ids (integers) or a list of "
+        "such lists"
+    )
+
+
 class _Sampling(BaseModel):
     """Settings shared by both generation routes; unknown fields are ignored as OpenAI does."""
 
@@ -95,9 +114,21 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Text | list[Text]
+    # Text, texts, token ids, or lists of token ids (as OpenAI accepts); ids are checked
+    # against the vocabulary by the route.
+    prompt: Annotated[Any, AfterValidator(_prompt)]
     max_tokens: int | None = 16
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(t, int) for t in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
 
 
 class ChatMessage(BaseModel):
@@ -107,6 +138,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 def _stops(value: str | list[str] | None) -> tuple[str, ...]:

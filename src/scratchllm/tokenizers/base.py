@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchllm.errors import InputError
-from scratchllm.fs import atomic_write_text
+from scratchllm.fs import atomic_dir, atomic_write_text
 
 EOT = "<|endoftext|>"
 META_FILE = "scratchllm_tokenizer.json"
@@ -57,9 +57,17 @@ class Tokenizer(ABC):
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of `ids` (may end inside a multi-byte character)."""
 
-    @abstractmethod
     def save(self, directory: str | Path) -> None:
-        """Write the files `load_tokenizer(directory)` reads back."""
+        """Write the folder `load_tokenizer(directory)` reads back, atomically: it is built
+        aside and swapped in whole (`scratchllm.fs.atomic_dir`), replacing what `directory`
+        held, so a crash leaves the previous folder (or none), never a mix of the two."""
+        with atomic_dir(directory) as tmp:
+            self.write_files(tmp)
+
+    @abstractmethod
+    def write_files(self, directory: Path) -> None:
+        """Write this tokenizer's files into the (new, empty) folder `directory`; `save` and
+        the checkpoint writer call it inside their atomic folders."""
 
     @abstractmethod
     def _fingerprint_payload(self) -> bytes:
@@ -160,7 +168,8 @@ class Tokenizer(ABC):
         return False
 
     def fingerprint(self) -> str:
-        """A short hash of the vocabulary; token files record it to catch mismatches."""
+        """A short hash of the vocabulary; token files and checkpoints record it to catch a
+        tokenizer that is not the one they were made with."""
         h = hashlib.sha256(self._fingerprint_payload())
         h.update(json.dumps(sorted(self.special_tokens.items())).encode())
         return h.hexdigest()[:16]

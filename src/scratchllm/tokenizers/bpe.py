@@ -117,10 +117,9 @@ class BPETokenizer(Tokenizer):
 
         bpe_files.write_tiktoken_ranks(Path(path), self.mergeable_ranks)
 
-    def save(self, directory: str | Path) -> None:
+    def write_files(self, directory: Path) -> None:
         from scratchllm.tokenizers import files as bpe_files
 
-        directory = Path(directory)
         bpe_files.write_gpt2_files(directory, self.mergeable_ranks, self._special, self.merges)
         write_meta(
             directory,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scratchllm.errors import InputError
 from scratchllm.tokenizers.base import EOT, Tokenizer, write_meta
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class ByteTokenizer(Tokenizer):
@@ -41,8 +44,8 @@ class ByteTokenizer(Tokenizer):
                 raise InputError(f"token id {i} is outside the byte tokenizer's 0..256")
         return bytes(out)
 
-    def save(self, directory: str | Path) -> None:
-        write_meta(Path(directory), {"type": "bytes"})
+    def write_files(self, directory: Path) -> None:
+        write_meta(directory, {"type": "bytes"})
 
     def _fingerprint_payload(self) -> bytes:
         return b"bytes-v1"

@@ -236,9 +236,7 @@ class HFTokenizer(Tokenizer):
         self._table = table
         return table
 
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def write_files(self, directory: Path) -> None:
         for name, data in self.files.items():
             atomic_write_bytes(directory / name, data)
         write_meta(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchllm.errors import InputError
+from scratchllm.fs import recover_dir
 from scratchllm.tokenizers.base import GPT2_PATTERN, META_FILE, TIKTOKEN_FILE, Tokenizer
 from scratchllm.tokenizers.bpe import BPETokenizer, gpt2_tokenizer
 from scratchllm.tokenizers.bytes import ByteTokenizer
@@ -25,6 +26,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         _require_gpt2_files(directory, spec)
         return gpt2_tokenizer(directory)
     directory = Path(spec)
+    recover_dir(directory)  # a save a crash cut short between its two renames: the old copy
     if not directory.exists():
         raise InputError(
             f"tokenizer {spec!r}: no such directory; expected bytes, gpt2, gpt2:DIR or a "

@@ -59,7 +59,7 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = ""
             alpha=0.35,
             label="train (batch)",
         )
-    for key, style in (("train_loss", "-o"), ("val_loss", "-s")):
+    for key, style in (("train_loss", "-o"), ("val_loss", "-s"), ("val_bpb", "--^")):
         pts = [(r["step"], r[key]) for r in evals if key in r and math.isfinite(r[key])]
         if pts:
             ax.plot(*zip(*pts, strict=True), style, markersize=3, label=key.replace("_", " "))
@@ -67,7 +67,15 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = ""
     ax.set_ylabel("loss")
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    core = [(r["step"], r["core"]) for r in evals if "core" in r and math.isfinite(r["core"])]
+    if core:  # pretrain --eval-tasks: CORE on its own scale, on the right
+        right = ax.twinx()
+        right.plot(*zip(*core, strict=True), "-D", color="C3", markersize=3, label="CORE")
+        right.set_ylabel("CORE (mean centred score)")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     if evals and "tokens" in evals[-1] and evals[-1]["step"]:
         per_step = evals[-1]["tokens"] / evals[-1]["step"]
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))

@@ -11,28 +11,35 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scratchllm.config import PRESETS, ModelConfig, resolve_model_config
-from scratchllm.errors import CheckpointError, InputError
+from scratchllm.data.prepare import DataSettings
+from scratchllm.errors import InputError
 from scratchllm.settings import SettingError, project, setting
 from scratchllm.tokenizers import Tokenizer, load_tokenizer
-from scratchllm.train.settings import TrainConfig
+from scratchllm.train.settings import RunSettings, TrainConfig
 from scratchllm.train.trainer import TrainerCallback
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PretrainOptions(TrainConfig):
-    """A pretraining run: data, model and tokenizer, plus every `TrainConfig` setting."""
+class PretrainOptions(TrainConfig, RunSettings, DataSettings):
+    """A pretraining run: data, model and tokenizer, plus every `TrainConfig` setting and the
+    `DataSettings` of reading and tokenizing the inputs."""
 
     data: list[str] = setting(
         default_factory=lambda: ["builtin:python-docs"],
-        help="text files, folders, globs or builtin:python-docs",
+        help="a folder from `scratchllm data prepare`, or inputs: text, JSON lines (.gz/.zst), "
+        "JSON, Parquet, datasets folders, globs, builtin:python-docs, hf:NAME; SPEC:W weighs one",
+        metavar="PATH",
+    )
+    val_data: list[str] | None = setting(
+        None,
+        help="validation inputs (same forms as `data`; default: the tail `val_fraction` of it)",
         metavar="PATH",
     )
     model: str = setting(
@@ -40,41 +47,33 @@ class PretrainOptions(TrainConfig):
     )
     tokenizer: str = setting("bytes", help="bytes | gpt2 | gpt2:DIR | a tokenizer directory")
     out: str = setting("runs/pretrain", help="run directory: checkpoint/, metrics.jsonl, loss.png")
-    context_length: int | None = setting(None, help="tokens per window (default: the model's)")
-    dropout: float | None = setting(None, help="override the model's dropout rate")
-    val_fraction: float = setting(0.1, help="tail of the corpus held out")
+    context_length: int | None = setting(
+        None, help="tokens per window (default: the model's)", ge=1
+    )
+    dropout: float | None = setting(None, help="override the model's dropout rate", ge=0, lt=1)
+    val_fraction: float = setting(0.1, help="tail of the corpus held out", ge=0, lt=1)
     sampling: str = setting("sliding", help="window sampling", choices=("sliding", "random"))
-    stride: int | None = setting(None, help="sliding-window stride (default: context length)")
-    strip_gutenberg: bool = setting(False, help="drop Gutenberg boilerplate")
+    stride: int | None = setting(None, help="sliding-window stride (default: context length)", ge=1)
     sample_prompt: str | None = setting(
         None, help="prompt for the sample printed at each evaluation"
     )
-    resume: bool = setting(False, help="continue the run in `out` (with its run.json settings)")
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise SettingError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-
-
-def with_saved_settings(values: Mapping[str, Any]) -> dict[str, Any]:
-    """On resume the run's saved settings (OUT/run.json) are the base; `values` still win."""
-    if not values.get("resume"):
-        return dict(values)
-    saved = Path(values.get("out", PretrainOptions.out)) / "run.json"
-    if not saved.exists():
-        return dict(values)  # the checkpoint check in `pretrain` names what is missing
-    try:
-        raw = json.loads(saved.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{saved}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    names = {f.name for f in dataclasses.fields(PretrainOptions)}
-    return {**{k: v for k, v in raw.items() if k in names}, **values}
+    eval_tasks: list[str] | None = setting(
+        None,
+        help="in-context tasks at each evaluation too (core or CORE task names, as `scratchllm "
+        "evaluate`): CORE, each task's centred score and val_bpb go to the metrics",
+        metavar="NAME",
+    )
+    eval_limit: int = setting(100, help="items per task at each evaluation (eval_tasks)", ge=1)
 
 
 def build_model_config(opts: PretrainOptions, tokenizer: Tokenizer) -> ModelConfig:
     """The model `opts.model` names, sized for `tokenizer` and `opts`' overrides."""
-    config = resolve_model_config(opts.model)
+    try:
+        config = resolve_model_config(opts.model)
+    except SettingError:
+        raise
+    except InputError as exc:  # a config file that is missing or malformed
+        raise SettingError("model", str(exc)) from None
     explicit_vocab = False
     if opts.model not in PRESETS:
         path = Path(opts.model)
@@ -100,28 +99,47 @@ def build_model_config(opts: PretrainOptions, tokenizer: Tokenizer) -> ModelConf
         raise SettingError("model", str(exc)) from None
 
 
+def _tokens(opts: PretrainOptions, specs: list[str], tokenizer: Tokenizer, out: Path, info) -> Any:
+    """The ids of `specs`: a prepared folder as it is, else inputs tokenized into shards under
+    OUT/data (by rank 0; a killed run's tokenizing resumes). Read across shards by memory map."""
+    from scratchllm.data.prepare import ShardSet, is_prepared, prepare_shards
+    from scratchllm.data.shards import corpus_key
+    from scratchllm.train import distributed as D
+
+    if len(specs) == 1 and is_prepared(specs[0]):
+        shard_set = ShardSet(specs[0])
+        if shard_set.fingerprint != tokenizer.fingerprint():
+            made = shard_set.index["tokenizer"].get("name")
+            raise SettingError(
+                "data",
+                f"{specs[0]} was prepared with tokenizer {made} ({shard_set.fingerprint}), not "
+                f"{opts.tokenizer} ({tokenizer.fingerprint()}); prepare it with this `tokenizer`",
+            )
+        return shard_set.tokens
+    options: dict[str, Any] = dict(fmt=opts.format, text_field=opts.text_field, seed=opts.seed)
+    key = corpus_key(specs, tokenizer, opts.strip_gutenberg, **options)
+    folder = out / "data" / f"shards-{key}"
+    if info.is_main:
+        prepare_shards(
+            specs,
+            tokenizer,
+            folder,
+            shard_tokens=opts.shard_tokens,
+            workers=opts.workers,
+            strip_gutenberg=opts.strip_gutenberg,
+            overwrite=True,  # a cache: the key names what it holds
+            **options,
+        )
+    D.barrier()  # the other ranks read what rank 0 wrote
+    return ShardSet(folder).tokens
+
+
 def _saved_model(out: Path) -> tuple[ModelConfig, Tokenizer]:
     """The run's model config and tokenizer, without its weights: `Trainer.resume` reads those
     (once) together with the optimizer state."""
-    from scratchllm.checkpoint import (
-        check_tokenizer_fits,
-        recover_interrupted_save,
-        resolve_checkpoint_dir,
-    )
+    from scratchllm.checkpoint import read_checkpoint_config
 
-    recover_interrupted_save(out)
-    path = resolve_checkpoint_dir(out)
-    try:
-        config = ModelConfig.from_json(path / "config.json")
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: bad config.json: {exc}") from None
-    if not (path / "tokenizer").exists():
-        raise CheckpointError(f"checkpoint {path}: tokenizer/ is missing")
-    try:
-        tokenizer = load_tokenizer(path / "tokenizer")
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: bad tokenizer: {exc}") from None
-    check_tokenizer_fits(tokenizer, config, str(path))
+    config, tokenizer, _ = read_checkpoint_config(out)
     return config, tokenizer
 
 
@@ -148,14 +166,15 @@ def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[
     import torch
 
     from scratchllm.data.loader import split_tokens
-    from scratchllm.data.shards import token_file_for
-    from scratchllm.fs import atomic_write_text
+    from scratchllm.fs import atomic_write_text, file_in_the_way
     from scratchllm.model.gpt import GPTModel
     from scratchllm.train import distributed as D
     from scratchllm.train.tasks import LMTask
     from scratchllm.train.trainer import Trainer
     from scratchllm.utils import seed_everything
 
+    if (blocker := file_in_the_way(out)) is not None:  # before tokenizing, not at the save
+        raise SettingError("out", f"{out}: {blocker} is a file; expected a folder")
     if opts.resume:
         config, tokenizer = _saved_model(out)
     else:
@@ -169,17 +188,26 @@ def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[
         # Same seed on every rank: FSDP does not broadcast, so all ranks must build equal weights.
         seed_everything(opts.seed)
     model = GPTModel(config)
+    extra_eval = None
+    if opts.eval_tasks:  # its task files are read and checked before any tokenizing
+        from scratchllm.evaluate.training import TrainingEvaluation
+
+        try:
+            extra_eval = TrainingEvaluation(
+                tokenizer, config.vocab_size, opts.eval_tasks, opts.eval_limit
+            )
+        except InputError as exc:
+            raise SettingError("eval_tasks", str(exc)) from None
     D.barrier()  # every rank has checked the run directory before rank 0 writes into it
-    # Rank 0 tokenizes (and caches); the other ranks then read its cached token file.
-    if info.is_main:
-        token_file = token_file_for(opts.data, tokenizer, out / "data", opts.strip_gutenberg)
-    D.barrier()
-    if not info.is_main:
-        token_file = token_file_for(opts.data, tokenizer, out / "data", opts.strip_gutenberg)
-    train_tokens, val_tokens = split_tokens(token_file.tokens, opts.val_fraction)
+    # Rank 0 tokenizes (and caches); the other ranks then read its shards.
+    tokens = _tokens(opts, opts.data, tokenizer, out, info)
+    if opts.val_data:  # its own inputs: all of `data` trains
+        train_tokens, val_tokens = tokens, _tokens(opts, opts.val_data, tokenizer, out, info)
+    else:
+        train_tokens, val_tokens = split_tokens(tokens, opts.val_fraction)
     task = LMTask(
         train_tokens,
-        val_tokens if opts.val_fraction > 0 else None,
+        val_tokens if opts.val_data or opts.val_fraction > 0 else None,
         tokenizer,
         opts.batch_size,
         config.context_length,
@@ -190,6 +218,7 @@ def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[
         sample_prompt=opts.sample_prompt,
         rank=info.rank,
         world_size=info.world_size,
+        extra_eval=extra_eval,
     )
     # Neither a step count nor epochs: one pass over the data.
     epochs = 1.0 if opts.max_steps is None and opts.epochs is None else opts.epochs

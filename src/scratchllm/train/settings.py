@@ -1,58 +1,60 @@
 """The settings of a training run, each declared once (see `scratchllm.settings`).
 
 `OptimSettings` holds what pretraining and every fine-tuning task set alike; `TrainConfig` adds
-the rest of what `Trainer` reads. Recipes extend them: `PretrainOptions` (train/pretrain.py) is a
-`TrainConfig`, `FinetuneOptions` (finetune/) an `OptimSettings` with its own defaults.
+the rest of what `Trainer` reads; `RunSettings` what a recipe run from the command line adds.
+Recipes extend them: `PretrainOptions` (train/pretrain.py) is a `TrainConfig`, `FinetuneOptions`
+(finetune/) an `OptimSettings` with its own defaults. Every numeric setting declares its range
+here (`ge=`, `gt=`, `le=`, `lt=`); `Settings.validate` checks them all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scratchllm.settings import SettingError, setting
+from scratchllm.settings import Settings, setting
+
+SEED_LIMIT = 2**63  # torch.manual_seed takes 64 bits; one rank's seed is `seed` + its rank
 
 
 @dataclass
-class OptimSettings:
+class OptimSettings(Settings):
     """Optimisation settings every training run has (the defaults are pretraining's)."""
 
-    epochs: float | None = setting(None, help="passes over the training split")
-    batch_size: int = setting(8, help="sequences (examples) per micro-batch")
-    lr: float = setting(4e-4, help="peak learning rate")
-    warmup_steps: int | None = setting(None, help="linear warmup steps (default 5% of steps, ≤200)")
-    weight_decay: float = setting(0.1, help="AdamW weight decay on ≥2-D weights")
-    grad_clip: float | None = setting(1.0, help="clip the global gradient norm (0 = off)")
-    seed: int = setting(123, help="random seed: data split and order, initialisation")
+    epochs: float | None = setting(None, help="passes over the training split", gt=0)
+    batch_size: int = setting(8, help="sequences (examples) per micro-batch", ge=1)
+    lr: float = setting(4e-4, help="peak learning rate", gt=0)
+    warmup_steps: int | None = setting(
+        None, help="linear warmup steps (default 5% of steps, ≤200)", ge=0
+    )
+    weight_decay: float = setting(0.1, help="AdamW weight decay on ≥2-D weights", ge=0)
+    grad_clip: float | None = setting(1.0, help="clip the global gradient norm (0 = off)", ge=0)
+    seed: int = setting(
+        123, help="random seed: data split and order, initialisation", ge=0, lt=SEED_LIMIT
+    )
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N | mps")
-    eval_batches: int = setting(20, help="batches per split at each evaluation")
-
-    def validate(self) -> None:
-        for name in ("batch_size", "eval_batches"):
-            _at_least(self, name, 1)
-        if self.epochs is not None and not self.epochs > 0:
-            raise SettingError("epochs", f"must be > 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise SettingError("lr", f"must be > 0, got {self.lr}")
+    eval_batches: int = setting(20, help="batches per split at each evaluation", ge=1)
+    max_steps: int | None = setting(
+        None, help="optimizer steps (with `epochs`, the smaller wins)", ge=1
+    )
 
 
 @dataclass
 class TrainConfig(OptimSettings):
     """Optimisation and bookkeeping settings of one run: everything `Trainer` reads."""
 
-    max_steps: int | None = setting(None, help="optimizer steps (with `epochs`, the smaller wins)")
-    grad_accum_steps: int = setting(1, help="micro-batches per optimizer step")
-    min_lr: float | None = setting(None, help="cosine floor (default `lr`/10)")
+    grad_accum_steps: int = setting(1, help="micro-batches per optimizer step", ge=1)
+    min_lr: float | None = setting(None, help="cosine floor (default `lr`/10)", ge=0)
     schedule: str = setting("cosine", help="learning-rate schedule", choices=("cosine", "constant"))
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eval_every: int = setting(100, help="evaluate and save every N steps")
+    beta1: float = setting(0.9, help="AdamW β1", ge=0, lt=1, flag=False)
+    beta2: float = setting(0.95, help="AdamW β2", ge=0, lt=1, flag=False)
+    eval_every: int = setting(100, help="evaluate and save every N steps", ge=1)
     save_every: int = setting(
-        0, help="also save every N steps between evaluations (0 = only at them)"
+        0, help="also save every N steps between evaluations (0 = only at them)", ge=0
     )
-    log_every: int = setting(10, help="write a metrics line every N steps")
+    log_every: int = setting(10, help="write a metrics line every N steps", ge=1)
     dtype: str = setting("float32", help="autocast precision", choices=("float32", "bfloat16"))
-    sample_tokens: int = setting(40, help="tokens in each evaluation sample (0 = none)")
-    keep_last: int = setting(2, help="step snapshots kept in OUT/checkpoints/ (0 = none)")
+    sample_tokens: int = setting(40, help="tokens in each evaluation sample (0 = none)", ge=0)
+    keep_last: int = setting(2, help="step snapshots kept in OUT/checkpoints/ (0 = none)", ge=0)
     optimizer_impl: str = setting(
         "auto", help="AdamW kernel (auto: fused)", choices=("auto", "fused", "foreach")
     )
@@ -64,29 +66,14 @@ class TrainConfig(OptimSettings):
     measure_mfu: bool = True  # time a matmul at start to have a peak for MFU
     tensorboard: bool = setting(False, help="log to OUT/tensorboard too")
     vocab_multiple: int | None = setting(
-        None, help="pad the output matmul to a multiple of N rows (default 64 on CUDA, 1 on CPU)"
+        None,
+        help="pad the output matmul to a multiple of N rows (default 64 on CUDA, 1 on CPU)",
+        ge=1,
     )
 
-    def validate(self) -> None:
-        super().validate()
-        for name in ("grad_accum_steps", "eval_every", "log_every"):
-            _at_least(self, name, 1)
-        if self.max_steps is not None:
-            _at_least(self, "max_steps", 1)
-        if self.dtype not in ("float32", "bfloat16"):
-            raise SettingError("dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise SettingError("schedule", f"must be cosine or constant, got {self.schedule!r}")
-        _at_least(self, "keep_last", 0)
-        if self.vocab_multiple is not None:
-            _at_least(self, "vocab_multiple", 1)
-        if self.optimizer_impl not in ("auto", "fused", "foreach"):
-            raise SettingError(
-                "optimizer_impl", f"must be auto, fused or foreach, got {self.optimizer_impl!r}"
-            )
 
+@dataclass
+class RunSettings(Settings):
+    """What a recipe run from the command line adds to its training settings."""
 
-def _at_least(obj: object, name: str, low: int) -> None:
-    value = getattr(obj, name)
-    if value < low:
-        raise SettingError(name, f"must be ≥ {low}, got {value}")
+    resume: bool = setting(False, help="continue the run in `out` (with its run.json settings)")

@@ -38,9 +38,12 @@ class LMTask:
         sample_prompt: str | None = None,
         rank: int = 0,
         world_size: int = 1,
+        extra_eval: Any | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.tokenizer = tokenizer
+        # scratchllm.evaluate.training.TrainingEvaluation: in-context tasks and bpb at each eval
+        self.extra_eval = extra_eval
         self.context_length = context_length
         self.batch_size = batch_size
         self.loader = BatchLoader(
@@ -100,6 +103,8 @@ class LMTask:
             val = self._dataset_loss(model, self.val_eval, max_batches)
             out["val_loss"] = val
             out["val_ppl"] = math.exp(min(val, 50.0))
+        if self.extra_eval is not None:
+            out.update(self.extra_eval.run(model, self.val_eval, self.batch_size, max_batches))
         return out
 
     def sample(self, model: GPTModel, max_new_tokens: int) -> str:

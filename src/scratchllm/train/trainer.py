@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -31,16 +30,19 @@ import torch.distributed as dist
 
 from scratchllm.checkpoint import (
     link_checkpoint,
+    load_state_dict,
     load_train_state,
     prune_checkpoints,
     recover_interrupted_save,
     save_checkpoint,
     update_meta,
 )
-from scratchllm.errors import CheckpointError, InputError, ScratchLLMError
+from scratchllm.errors import CheckpointError, ScratchLLMError
 from scratchllm.model.gpt import GPTModel
+from scratchllm.settings import SettingError
 from scratchllm.tokenizers import Tokenizer
 from scratchllm.train import distributed as D
+from scratchllm.train.guard import best_val_on_disk, judge_eval, keep_latest
 from scratchllm.train.metrics import MetricsLog, plot_losses
 from scratchllm.train.optim import build_optimizer
 from scratchllm.train.parallelize import parallelize
@@ -248,14 +250,14 @@ class Trainer:
         """Write `checkpoint/` (the latest) and a `checkpoints/step-NNNNNN` snapshot, keeping
         the last `keep_last`. Under torchrun all ranks call it; rank 0 alone writes."""
         state = self.train_state()
-        weights = D.full_state_dict(self.model) if D.is_fsdp(self.model) else None
+        weights, files = self.checkpoint_files()
         if not self.is_main:
             return self.checkpoint_dir
         meta = {**self.meta, "step": self.step, "tokens": self.tokens}
         if self._public_eval():
             meta["eval"] = self._public_eval()  # the latest evaluation (updated after one runs)
         path = save_checkpoint(
-            self.checkpoint_dir, self.model, self.tokenizer, meta, state, weights=weights
+            self.checkpoint_dir, self.model, self.tokenizer, meta, state, files, weights
         )
         if self.config.keep_last > 0:
             link_checkpoint(path, self._snapshot_dir(self.step))
@@ -263,12 +265,20 @@ class Trainer:
         self.callback.on_save(self, path)
         return path
 
+    def checkpoint_files(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, bytes] | None]:
+        """Weights (None: the model's) and extra files a save writes; `resume_weights` reads
+        them back (a LoRA fine-tune saves merged weights and adapters: finetune/checkpoints)."""
+        return (D.full_state_dict(self.model) if D.is_fsdp(self.model) else None), None
+
+    def resume_weights(self, path: Path) -> dict[str, torch.Tensor]:
+        return load_state_dict(path)
+
     def _snapshot_dir(self, step: int) -> Path:
         return self.out_dir / "checkpoints" / f"step-{step:06d}"
 
     def resume(self) -> None:
         """Continue from `out_dir/checkpoint`: weights, optimizer, step, data position, RNG."""
-        from scratchllm.checkpoint import load_state_dict, load_weights_into, resolve_checkpoint_dir
+        from scratchllm.checkpoint import load_weights_into, resolve_checkpoint_dir
 
         if self.is_main:
             recover_interrupted_save(self.checkpoint_dir)
@@ -276,13 +286,13 @@ class Trainer:
         path = resolve_checkpoint_dir(self.checkpoint_dir)
         state = load_train_state(path)
         if state is None:
-            raise InputError(f"--resume: {path} has no train_state.pt to resume from")
+            raise SettingError("resume", f"{path} has no train_state.pt to resume from")
         if int(state.get("accum_position", 0)) != 0:
             raise CheckpointError(
                 f"{path}: saved mid gradient-accumulation (position {state['accum_position']}); "
                 "expected a checkpoint taken at an optimizer-step boundary"
             )
-        weights = load_state_dict(path)
+        weights = self.resume_weights(path)
         fsdp = D.is_fsdp(self.model)
         if fsdp:
             from torch.distributed.checkpoint.state_dict import (
@@ -304,12 +314,7 @@ class Trainer:
                 f" --fsdp; resume it the same way"
             )
         if fsdp:
-            set_optimizer_state_dict(
-                self.model,
-                self.optimizer,
-                state["optimizer"],
-                options=StateDictOptions(full_state_dict=True),
-            )
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.task.load_state_dict(state["task"])
@@ -325,20 +330,11 @@ class Trainer:
                 )
             set_rng_state(state["rng"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.best_val = min(float(state["best_val"]), self._best_on_disk())
+        self.best_val = min(float(state["best_val"]), best_val_on_disk(self.out_dir))
         self.first_eval = dict(state.get("first_eval", {}))
         if self.is_main:
             self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
-
-    def _best_on_disk(self) -> float:
-        # checkpoint.json of best/ is rewritten after the evaluation that follows a save, so it
-        # can know a better val_loss than the train_state.pt saved just before it.
-        try:
-            meta = json.loads((self.out_dir / "best" / "checkpoint.json").read_text())
-            return float(meta["eval"]["val_loss"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return math.inf
 
     # -- the loop ------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -358,8 +354,8 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise InputError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                raise SettingError(
+                    "tensorboard", "needs the tensorboard package: pip install tensorboard"
                 ) from None
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
 
@@ -458,6 +454,8 @@ class Trainer:
                     self.callback.on_step(self, record)
                 last = self.step == self.total_steps
                 if self.step % cfg.eval_every == 0 or last:
+                    if self.is_main:  # a NaN evaluation puts this latest checkpoint back
+                        keep_latest(self.out_dir)
                     self.save()  # before evaluating: a crash in evaluation loses nothing
                     self._eval_and_log()
                     self._after_eval_save()
@@ -507,10 +505,10 @@ class Trainer:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         return float(packed[0]) / (n * self.dist.world_size), int(packed[1])
 
-    def _diverged(self, what: str) -> None:
+    def _diverged(self, what: str, step: int | None = None) -> None:
         raise TrainingDiverged(
-            f"{what} at step {self.step + 1}; stopping without saving these weights. The last "
-            f"good checkpoint is in {self.checkpoint_dir} (try a lower --lr)"
+            f"{what} at step {step or self.step + 1}; stopping without saving these weights. The "
+            f"last good checkpoint is in {self.checkpoint_dir} (try a lower --lr)"
         )
 
     def _train_record(
@@ -582,14 +580,15 @@ class Trainer:
         return metrics
 
     def _after_eval_save(self) -> None:
-        """Record the evaluation in the checkpoint just saved; copy it to best/ if it is."""
+        """Record the evaluation in the checkpoint just saved; copy it to best/ if it is. A NaN
+        or infinite loss stops the run, the checkpoint before it the latest again (train/guard)."""
+        metrics, snapshot = self._public_eval(), self._snapshot_dir(self.step)
+        bad = judge_eval(self.out_dir, snapshot, metrics) if self.is_main else None
+        if D.any_rank(bad is not None, self.device):
+            self._diverged(f"evaluation {bad or 'loss is not finite'}", self.step)
         if not self.is_main:
             return
-        metrics = self._public_eval()
-        dirs = [self.checkpoint_dir]
-        if self.config.keep_last > 0:
-            dirs.append(self._snapshot_dir(self.step))
-        update_meta(dirs, {"eval": metrics})
+        update_meta([self.checkpoint_dir, snapshot], {"eval": metrics})  # those that exist
         val = metrics.get("val_loss")
         if val is not None and val < self.best_val:
             self.best_val = val
