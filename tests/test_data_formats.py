@@ -12,7 +12,7 @@ import pytest
 
 from scratchllm import cli
 from scratchllm.data import formats, records, shards
-from scratchllm.data.corpus import iter_documents
+from scratchllm.data.formats import iter_documents
 from scratchllm.data.prepare import ShardSet, prepare_shards, read_index
 from scratchllm.data.shards import TokenFile
 from scratchllm.errors import InputError

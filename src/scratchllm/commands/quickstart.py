@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     print("scratchllm quickstart: a GPT trained on Python's own language reference")
     print("  corpus builtin:python-docs (pydoc_data.topics, ~0.47 MB, ships with Python)")
     # A small byte-level BPE learned from the corpus itself (seconds), as nanochat does.
-    from scratchllm.data.corpus import iter_documents
+    from scratchllm.data.formats import iter_documents
     from scratchllm.tokenizers.train import train_bpe
 
     t0 = time.perf_counter()

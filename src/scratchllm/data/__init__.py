@@ -2,11 +2,11 @@
 
 from scratchllm.data.corpus import (
     BUILTIN_CORPORA,
-    iter_documents,
     read_text_file,
     resolve_paths,
     strip_gutenberg_boilerplate,
 )
+from scratchllm.data.formats import iter_documents
 from scratchllm.data.loader import BatchLoader, SlidingWindowDataset, split_tokens
 from scratchllm.data.shards import TokenFile, token_file_for, tokenize_corpus, write_token_file
 

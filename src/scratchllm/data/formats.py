@@ -332,3 +332,27 @@ def iter_docs(
         return
     weights = [1.0 if s.weight is None else s.weight for s in specs]
     yield from mix([_spec_docs(s, **options) for s in specs], weights, seed)
+
+
+def iter_documents(
+    specs: Sequence[str],
+    strip_gutenberg: bool = False,
+    *,
+    fmt: str = "auto",
+    text_field: str = "text",
+    seed: int = 0,
+) -> Iterator[tuple[str, str]]:
+    """(source name, text) for every document named by `specs`, in order (or mixed, when a
+    spec carries a weight `SPEC:W`; `seed` draws the mix).
+
+    A text file is one document, `builtin:NAME` is one, and each record of a JSON lines, JSON,
+    Parquet or datasets input is one (`text_field` holds its text; `data/formats.py` reads
+    them). Whitespace-only documents are skipped (they would only add an `<|endoftext|>`).
+    """
+    docs = iter_docs(resolve(specs, fmt), text_field, strip_gutenberg, seed)
+    for source, pieces, _ in docs:
+        text = "".join(pieces)
+        if not text.strip():
+            log.info("skipping empty document %s", source)
+            continue
+        yield source, text
