@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from scratchllm.errors import InputError
+from scratchllm.evaluate.text import read_utf8
 
 TaskType = Literal["multiple_choice", "schema", "language_modeling"]
 TASK_TYPES: tuple[str, ...] = ("multiple_choice", "schema", "language_modeling")
@@ -81,17 +82,7 @@ def load_items(spec: TaskSpec) -> list[dict[str, Any]]:
 
     Raises `InputError` naming the file, the line and the field that is wrong."""
     path = Path(spec.path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"task file {path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"task file {path}: is a directory, expected a JSONL file") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not valid UTF-8") from None
+    text = read_utf8(path, "task file", "a JSONL file")
     items: list[dict[str, Any]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -142,20 +142,25 @@ def evaluate_text(
     return TextResult(name, tokens, nbytes, nats)
 
 
-def read_text(path: str | Path) -> str:
-    """A UTF-8 text file (a BOM is dropped, line ends kept as they are)."""
+def read_utf8(path: str | Path, what: str, expected: str) -> str:
+    """A UTF-8 file's text (a BOM dropped); `InputError` naming `what` and the file otherwise."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"--text {path}: no such file") from None
+        raise InputError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"--text {path}: is a directory, expected a text file") from None
+        raise InputError(f"{what} {path}: is a directory, expected {expected}") from None
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise InputError(f"--text {path}:{line}: not valid UTF-8") from None
+        raise InputError(f"{what} {path}:{line}: not valid UTF-8") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file (a BOM is dropped, line ends kept as they are)."""
+    text = read_utf8(path, "--text", "a text file")
     if not text.strip():
         raise InputError(f"--text {path}: the file is empty")
     return text
