@@ -336,6 +336,8 @@ def test_hub_dataset_streams_from_a_local_server(tmp_path, docs):
         "HF_HOME": str(tmp_path / "hf"),  # no cache outside the test
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(name, None)  # this test's hub is on 127.0.0.1: an offline flag would refuse it
     (tmp_path / "local.jsonl").write_bytes(lines)
     try:
         script = (
