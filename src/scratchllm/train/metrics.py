@@ -71,7 +71,7 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = ""
     core = [(r["step"], r["core"]) for r in evals if "core" in r and math.isfinite(r["core"])]
     if core:  # pretrain --eval-tasks: CORE on its own scale, on the right
         right = ax.twinx()
-        right.plot(*zip(*core, strict=True), "-D", color="C3", markersize=3, label="CORE")
+        right.plot(*zip(*core, strict=True), "-D", color="black", markersize=3, label="CORE")
         right.set_ylabel("CORE (mean centred score)")
         more = right.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
