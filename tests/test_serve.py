@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
+from http_json import post
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
 from scratchllm.checkpoint import load_checkpoint, save_checkpoint
@@ -61,22 +62,6 @@ def reference(ckpt, prompt: str, n: int, stops=()) -> str:
     for stop in stops:
         text = text.split(stop)[0]
     return text
-
-
-def post(server, path: str, body: bytes | str | dict, headers: dict | None = None):
-    """Raw HTTP POST; returns (status, parsed JSON or text)."""
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    data = json.dumps(body) if isinstance(body, dict) else body
-    conn.request(
-        "POST", path, body=data, headers={"Content-Type": "application/json", **(headers or {})}
-    )
-    resp = conn.getresponse()
-    raw = resp.read().decode("utf-8")
-    conn.close()
-    try:
-        return resp.status, json.loads(raw)
-    except json.JSONDecodeError:
-        return resp.status, raw
 
 
 def test_models_and_health(server, client):

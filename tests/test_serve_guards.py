@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from http_json import post
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,22 +43,6 @@ def engine():
 def server(engine):
     with ServerThread(engine, model_name=MODEL, limits=LIMITS) as srv:
         yield srv
-
-
-def request(server, path: str, body: bytes | str | dict, headers: dict | None = None):
-    """Raw HTTP POST; (status, parsed JSON or text)."""
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    data = json.dumps(body) if isinstance(body, dict) else body
-    conn.request(
-        "POST", path, body=data, headers={"Content-Type": "application/json", **(headers or {})}
-    )
-    resp = conn.getresponse()
-    raw = resp.read().decode("utf-8")
-    conn.close()
-    try:
-        return resp.status, json.loads(raw)
-    except json.JSONDecodeError:
-        return resp.status, raw
 
 
 def stream_ends_with_done(server, max_tokens: int = 40) -> bool:
@@ -97,7 +82,7 @@ def test_extreme_sampling_values_never_break_other_streams(server, bad, status, 
     ]
     for t in threads:
         t.start()
-    code, reply = request(server, "/v1/completions", {"prompt": "bad", "max_tokens": 20, **bad})
+    code, reply = post(server, "/v1/completions", {"prompt": "bad", "max_tokens": 20, **bad})
     for t in threads:
         t.join(timeout=60)
     assert results == [True, True, True]
@@ -109,7 +94,7 @@ def test_extreme_sampling_values_never_break_other_streams(server, bad, status, 
 
 def test_bodies_over_the_limit_get_413(server):
     big = {"prompt": "x" * 5000, "max_tokens": 1}
-    assert_openai_error(*request(server, "/v1/completions", big), 413, "4,096 bytes")
+    assert_openai_error(*post(server, "/v1/completions", big), 413, "4,096 bytes")
     # Chunked (no Content-Length): counted as it arrives.
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
     chunks = (json.dumps(big)[i : i + 1000].encode() for i in range(0, 6000, 1000))
@@ -128,31 +113,31 @@ def test_bodies_over_the_limit_get_413(server):
 
 def test_too_many_prompts_and_too_many_tokens_are_400(server):
     body = {"prompt": ["a"] * 5, "max_tokens": 1}
-    assert_openai_error(*request(server, "/v1/completions", body), 400, "5 prompts")
+    assert_openai_error(*post(server, "/v1/completions", body), 400, "5 prompts")
     body = {"prompt": ["a", "b"], "max_tokens": 100, "n": 16}
-    assert_openai_error(*request(server, "/v1/completions", body), 400, "allows 2,000")
+    assert_openai_error(*post(server, "/v1/completions", body), 400, "allows 2,000")
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "n": 16}
-    assert_openai_error(*request(server, "/v1/chat/completions", body), 400, "tokens")
+    assert_openai_error(*post(server, "/v1/chat/completions", body), 400, "tokens")
 
 
 def test_lone_surrogates_and_infinity_get_json_400(server):
     raw = '{"prompt": "\\ud800", "max_tokens": 2}'
-    assert_openai_error(*request(server, "/v1/completions", raw), 400, "surrogate")
+    assert_openai_error(*post(server, "/v1/completions", raw), 400, "surrogate")
     raw = '{"messages": [{"role": "user", "content": "a\\udfff"}]}'
-    assert_openai_error(*request(server, "/v1/chat/completions", raw), 400, "surrogate")
+    assert_openai_error(*post(server, "/v1/chat/completions", raw), 400, "surrogate")
     raw = '{"prompt": "a", "max_tokens": 2, "repetition_penalty": Infinity}'
-    assert_openai_error(*request(server, "/v1/completions", raw), 400, "repetition_penalty")
+    assert_openai_error(*post(server, "/v1/completions", raw), 400, "repetition_penalty")
     raw = '{"prompt": "a", "max_tokens": 2, "temperature": NaN}'
-    assert_openai_error(*request(server, "/v1/completions", raw), 400, "temperature")
+    assert_openai_error(*post(server, "/v1/completions", raw), 400, "temperature")
 
 
 def test_only_loopback_host_names_are_answered(server):
     body = {"prompt": "a", "max_tokens": 1}
     for host in ("evil.example", f"evil.example:{server.port}", "10.0.0.1"):
-        code, reply = request(server, "/v1/completions", body, {"Host": host})
+        code, reply = post(server, "/v1/completions", body, {"Host": host})
         assert_openai_error(code, reply, 400, "Host header")
     for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}", "[::1]:8000"):
-        code, reply = request(server, "/v1/completions", body, {"Host": host})
+        code, reply = post(server, "/v1/completions", body, {"Host": host})
         assert code == 200, (host, reply)
     assert host_of("[::1]:8000") == "[::1]" and host_of("Example.COM") == "example.com"
 
@@ -297,7 +282,7 @@ def test_no_generated_body_gets_a_server_error(server, streams, case):
     if isinstance(body.get("max_tokens"), int):  # keep each example quick
         body["max_tokens"] = body["max_tokens"] % 64
     raw = json.dumps(body, allow_nan=True)  # NaN/Infinity tokens too: Python clients send them
-    status, reply = request(server, path, raw)
+    status, reply = post(server, path, raw)
     assert status < 500, (body, reply)
     if status != 200:
         assert isinstance(reply, dict) and "error" in reply, reply

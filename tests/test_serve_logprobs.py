@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import torch
+from http_json import post
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
 from scratchllm.inference.chat import chat_prompt
@@ -52,17 +53,6 @@ def engine(model, tok):
 def server(engine):
     with ServerThread(engine, model_name=MODEL, limits=LIMITS) as srv:
         yield srv
-
-
-def post(server, path: str, body: dict, headers: dict | None = None):
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    conn.request(
-        "POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})}
-    )
-    resp = conn.getresponse()
-    raw = resp.read().decode()
-    conn.close()
-    return resp.status, json.loads(raw)
 
 
 def log_softmax(model, ids: list[int]) -> torch.Tensor:
