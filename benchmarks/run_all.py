@@ -21,6 +21,8 @@ BENCHMARKS = {
     "inference": ("inference.py", True),
     "ch5_verdict": ("ch5_verdict.py", False),
     "finetune_sms": ("finetune_sms.py", True),
+    "evaluate": ("evaluate.py", True),
+    "data_prepare": ("data_prepare.py", True),
 }
 
 
