@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from scratchllm.config import ModelConfig
 from scratchllm.errors import CheckpointError
 from scratchllm.fs import atomic_dir, os_error_of, recover_dir
-from scratchllm.model.gpt import GPTModel
+from scratchllm.model.gpt import GPTModel, provide
 from scratchllm.tokenizers import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -55,6 +55,13 @@ class Checkpoint:
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def generate(self, prompt: str, max_new_tokens: int = 50, **sampling: Any) -> str:
+        """Continue `prompt` with this checkpoint's model and tokenizer and return the new
+        text (`scratchllm.inference.generate.generate_text`: temperature, top_k, top_p, seed)."""
+        from scratchllm.inference.generate import generate_text
+
+        return generate_text(self.model, self.tokenizer, prompt, max_new_tokens, **sampling)
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -397,3 +404,7 @@ def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig, source: str)
             f"{source}: tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids but the model's "
             f"vocabulary holds {config.vocab_size}"
         )
+
+
+provide("load_checkpoint", load_checkpoint)  # GPTModel.from_pretrained
+provide("save_checkpoint", save_checkpoint)  # GPTModel.save_pretrained

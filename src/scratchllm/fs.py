@@ -44,6 +44,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _chmod_for_umask(tmp_path)  # mkstemp made it 0600: the user's umask decides instead
         _fsync_file(tmp_path)
         os.replace(tmp_path, path)
     except BaseException as exc:
@@ -102,6 +103,8 @@ def atomic_dir(path: str | Path, hook: Callable[[str], None] | None = None) -> I
         shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover: never a complete copy
         tmp.mkdir()
         yield tmp
+        for file in [tmp, *tmp.rglob("*")]:  # writers such as safetensors make files 0600
+            _chmod_for_umask(file)
         for file in tmp.rglob("*"):
             if file.is_file() and not file.is_symlink():
                 _fsync_file(file)
@@ -218,6 +221,36 @@ def recover_dir(path: str | Path) -> bool:
     old.rename(path)
     fsync_dir(path.parent)
     return True
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc says (Linux); elsewhere by
+    setting and restoring it (a brief window another thread could see)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_for_umask(path: Path) -> None:
+    """Give a file written here the mode `open()` would have: 0666 (0777 for folders and
+    executables) less the umask, so outputs can be shared as the user's other files are."""
+    if path.is_symlink():
+        return
+    try:
+        mode = path.stat().st_mode
+        full = 0o777 if (path.is_dir() or mode & 0o111) else 0o666
+        wanted = full & ~current_umask()
+        if mode & 0o777 != wanted:
+            os.chmod(path, wanted)
+    except OSError:  # a file system without modes: nothing to set
+        pass
 
 
 def _fsync_file(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from scratchllm import settings
 from scratchllm.train.pretrain import PretrainOptions, pretrain
@@ -36,6 +37,52 @@ def resolve_options(args: argparse.Namespace) -> PretrainOptions:
     return settings.build(PretrainOptions, settings.with_saved_settings(PretrainOptions, values))
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _data_line(label: str, report: dict[str, Any]) -> list[str]:
+    inputs = ", ".join(report["inputs"])
+    if report["prepared"]:
+        read = f"prepared shards {inputs}"
+    else:
+        read = f"{_count(report['files'], 'file')} read ({inputs})"
+    documents, tokens = _count(report["documents"], "document"), _count(report["tokens"], "token")
+    lines = [f"{label}: {read}: {documents}, {tokens}"]
+    if (g := report.get("gutenberg")) is not None:
+        lines.append(
+            f"  --strip-gutenberg removed {_count(g['bytes'], 'byte')} of Project Gutenberg "
+            f"headers and footers from {g['stripped']} of {_count(g['files'], 'text file')}"
+        )
+    return lines
+
+
+def print_header(info: dict[str, Any]) -> None:
+    """What the run is about to do, before its first step (`pretrain`'s `on_header`)."""
+    lines = _data_line("data", info["data"])
+    if info["val_data"] is not None:
+        lines += _data_line("validation data", info["val_data"])
+        held = "--val-data"
+    elif info["split"]:
+        held = f"the last {info['split']:.0%} of the data held out"
+    else:
+        held = "none held out: no validation loss"
+    lines.append(
+        f"split: {info['train_tokens']:,} train / {info['val_tokens']:,} validation tokens ({held})"
+    )
+    lines.append(f"model: {info['model']}, {info['parameters']:,} parameters")
+    world = info["world_size"]
+    ranks = (
+        f"world size {world} (tokens/s is the total over all {world} ranks)"
+        if world > 1
+        else "world size 1 (one process)"
+    )
+    lines.append(f"device: {info['device']}, dtype {info['dtype']}; {ranks}")
+    if info["resume_step"] is not None:
+        lines.append(f"resuming from step {info['resume_step']}")
+    print("\n".join(lines), flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from scratchllm.commands._progress import ProgressCallback
     from scratchllm.train.trainer import TrainingDiverged
@@ -43,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with settings.flags_in_errors(PretrainOptions):
             opts = resolve_options(args)
-            result = pretrain(opts, ProgressCallback())
+            result = pretrain(opts, ProgressCallback(), on_header=print_header)
     except TrainingDiverged as exc:
         print(f"scratchllm pretrain: stopped: {exc}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ import torch
 from scratchllm.errors import InputError
 from scratchllm.inference.decode import DecodeStep
 from scratchllm.inference.sampling import sample_next
-from scratchllm.model.gpt import GPTModel
+from scratchllm.model.gpt import GPTModel, provide
 from scratchllm.tokenizers import Tokenizer
 
 
@@ -121,3 +121,7 @@ def generate_text(
             new = new[:i]
             break
     return tokenizer.decode(new)
+
+
+provide("generate", generate)  # GPTModel.generate: ids in, ids out
+provide("generate_text", generate_text)  # GPTModel.generate: text in, text out

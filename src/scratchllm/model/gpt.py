@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,6 +15,26 @@ from scratchllm.config import ModelConfig
 from scratchllm.errors import InputError
 from scratchllm.model.attention import KVCache, MultiHeadAttention
 from scratchllm.model.layers import FeedForward, RotaryEmbedding, make_norm
+
+if TYPE_CHECKING:
+    from scratchllm.tokenizers import Tokenizer
+
+# The checkpoint format and generation sit above the model (scratchllm.checkpoint and
+# scratchllm.inference import this module, never the other way round): when imported, as
+# `import scratchllm` always does first, they hand in what `from_pretrained`, `save_pretrained`
+# and `generate` call.
+_PROVIDED: dict[str, Callable[..., Any]] = {}
+
+
+def provide(name: str, function: Callable[..., Any]) -> None:
+    """Register `function` as the model's `name` ("load_checkpoint", "generate", ...)."""
+    _PROVIDED[name] = function
+
+
+def _provided(name: str) -> Callable[..., Any]:
+    if name not in _PROVIDED:
+        raise RuntimeError(f"GPTModel: {name} is not registered; `import scratchllm` first")
+    return _PROVIDED[name]
 
 
 class TransformerBlock(nn.Module):
@@ -178,3 +201,50 @@ class GPTModel(nn.Module):
         return KVCache(
             self.config, batch_size, max_len or self.config.context_length, p.device, p.dtype
         )
+
+    # -- the checkpoint format, from the model (transformers' names) ---------------------------
+    # The model package imports neither the checkpoint code nor inference: see `provide`.
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> GPTModel:
+        """The model of a scratchllm checkpoint (or run) directory, in eval mode, with its
+        tokenizer as `model.tokenizer` (`scratchllm.checkpoint.load_checkpoint` gives both
+        and the metadata)."""
+        ckpt = _provided("load_checkpoint")(path, device=device, dtype=dtype)
+        model = ckpt.model
+        model.tokenizer = ckpt.tokenizer
+        return model
+
+    def save_pretrained(
+        self, path: str | Path, tokenizer: Tokenizer | None = None, meta: dict | None = None
+    ) -> Path:
+        """Write this model as a checkpoint directory (atomically), with `tokenizer` or the
+        one `from_pretrained` attached; `from_pretrained(path)` reads it back."""
+        tokenizer = tokenizer if tokenizer is not None else getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            raise InputError(
+                "save_pretrained: a checkpoint holds its tokenizer; pass tokenizer=..."
+            )
+        return _provided("save_checkpoint")(path, self, tokenizer, meta)
+
+    def generate(
+        self,
+        prompt: str | torch.Tensor,
+        max_new_tokens: int = 50,
+        tokenizer: Tokenizer | None = None,
+        **sampling: Any,
+    ) -> str | torch.Tensor:
+        """Continue `prompt`: text in, new text out (`generate_text`, with `tokenizer` or the
+        model's own); a (batch, time) tensor of ids in, the ids with the new ones appended out
+        (`scratchllm.inference.generate.generate`). `sampling`: temperature, top_k, top_p,
+        and seed (text) or generator (ids)."""
+        if isinstance(prompt, torch.Tensor):
+            return _provided("generate")(self, prompt, max_new_tokens, **sampling)
+        tokenizer = tokenizer if tokenizer is not None else getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            raise InputError("generate: text needs a tokenizer; pass tokenizer=...")
+        return _provided("generate_text")(self, tokenizer, prompt, max_new_tokens, **sampling)

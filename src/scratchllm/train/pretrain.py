@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,9 @@ def build_model_config(opts: PretrainOptions, tokenizer: Tokenizer) -> ModelConf
 
 
 def _tokens(opts: PretrainOptions, specs: list[str], tokenizer: Tokenizer, out: Path, info) -> Any:
-    """The ids of `specs`: a prepared folder as it is, else inputs tokenized into shards under
-    OUT/data (by rank 0; a killed run's tokenizing resumes). Read across shards by memory map."""
+    """The shards of `specs` (`.tokens`: the ids, read across shards by memory map): a prepared
+    folder as it is, else inputs tokenized into shards under OUT/data (by rank 0; a killed
+    run's tokenizing resumes)."""
     from scratchllm.data.prepare import ShardSet, is_prepared, prepare_shards
     from scratchllm.data.shards import corpus_key
     from scratchllm.train import distributed as D
@@ -115,7 +117,7 @@ def _tokens(opts: PretrainOptions, specs: list[str], tokenizer: Tokenizer, out: 
                 f"{specs[0]} was prepared with tokenizer {made} ({shard_set.fingerprint}), not "
                 f"{opts.tokenizer} ({tokenizer.fingerprint()}); prepare it with this `tokenizer`",
             )
-        return shard_set.tokens
+        return shard_set
     options: dict[str, Any] = dict(fmt=opts.format, text_field=opts.text_field, seed=opts.seed)
     key = corpus_key(specs, tokenizer, opts.strip_gutenberg, **options)
     folder = out / "data" / f"shards-{key}"
@@ -131,23 +133,59 @@ def _tokens(opts: PretrainOptions, specs: list[str], tokenizer: Tokenizer, out: 
             **options,
         )
     D.barrier()  # the other ranks read what rank 0 wrote
-    return ShardSet(folder).tokens
+    return ShardSet(folder)
 
 
-def _saved_model(out: Path) -> tuple[ModelConfig, Tokenizer]:
+def data_report(opts: PretrainOptions, specs: list[str], shard_set: Any) -> dict[str, Any]:
+    """What the header says of `specs`: the files read, documents and tokens, and (with
+    `strip_gutenberg`) how much of the plain-text files' text the stripping removed."""
+    from scratchllm.data import formats
+    from scratchllm.data.prepare import is_prepared
+
+    report: dict[str, Any] = {
+        "inputs": specs,
+        "documents": shard_set.documents,
+        "tokens": len(shard_set.tokens),
+        "prepared": len(specs) == 1 and is_prepared(specs[0]),
+    }
+    if report["prepared"]:
+        return report
+    sources = [s for spec in formats.resolve(specs, opts.format) for s in spec.sources]
+    report["files"] = sum(s.path is not None for s in sources)  # builtin and hub: not files
+    if opts.strip_gutenberg:
+        from scratchllm.data.corpus import read_text_file
+
+        texts = [s.path for s in sources if s.kind == "text" and s.path is not None]
+        removed = stripped = 0
+        for path in texts:  # read twice: the stripping is measured, not guessed
+            full = len(read_text_file(path).encode("utf-8"))
+            cut = full - len(read_text_file(path, strip_gutenberg=True).encode("utf-8"))
+            removed, stripped = removed + cut, stripped + (cut > 0)
+        report["gutenberg"] = {"files": len(texts), "stripped": stripped, "bytes": removed}
+    return report
+
+
+def _saved_model(out: Path) -> tuple[ModelConfig, Tokenizer, int]:
     """The run's model config and tokenizer, without its weights: `Trainer.resume` reads those
     (once) together with the optimizer state."""
     from scratchllm.checkpoint import read_checkpoint_config
 
-    config, tokenizer, _ = read_checkpoint_config(out)
-    return config, tokenizer
+    config, tokenizer, meta = read_checkpoint_config(out)
+    return config, tokenizer, int(meta.get("step", 0))
 
 
-def pretrain(opts: PretrainOptions, callback: TrainerCallback | None = None) -> dict[str, Any]:
+def pretrain(
+    opts: PretrainOptions,
+    callback: TrainerCallback | None = None,
+    on_header: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run pretraining; returns a summary (steps, tokens, seconds, evaluations, checkpoint, ...).
 
-    `callback` receives the trainer's progress (None: nothing is reported). Under torchrun
-    (RANK/WORLD_SIZE set) every rank runs this; rank 0 alone writes."""
+    `callback` receives the trainer's progress (None: nothing is reported); `on_header(info)`,
+    before the first step, what the run is about to do (`data`, `val_data`, `train_tokens`,
+    `val_tokens`, `split`, `model`, `parameters`, `device`, `dtype`, `world_size`,
+    `resume_step`). Under torchrun (RANK/WORLD_SIZE set) every rank runs this; rank 0 alone
+    writes and reports."""
     from scratchllm.train import distributed as D
     from scratchllm.utils import pick_device
 
@@ -157,12 +195,14 @@ def pretrain(opts: PretrainOptions, callback: TrainerCallback | None = None) -> 
     device = D.device_for_rank(pick_device(opts.device), info)
     info = D.init_distributed(device)
     try:
-        return _pretrain(opts, callback, Path(opts.out), device, info)
+        return _pretrain(opts, callback, Path(opts.out), device, info, on_header)
     finally:
         D.cleanup()
 
 
-def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[str, Any]:
+def _pretrain(
+    opts: PretrainOptions, callback, out: Path, device, info, on_header
+) -> dict[str, Any]:
     import torch
 
     from scratchllm.data.loader import split_tokens
@@ -175,8 +215,9 @@ def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[
 
     if (blocker := file_in_the_way(out)) is not None:  # before tokenizing, not at the save
         raise SettingError("out", f"{out}: {blocker} is a file; expected a folder")
+    resume_step = None
     if opts.resume:
-        config, tokenizer = _saved_model(out)
+        config, tokenizer, resume_step = _saved_model(out)
     else:
         if (out / "checkpoint" / "train_state.pt").exists():
             raise SettingError(
@@ -200,11 +241,12 @@ def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[
             raise SettingError("eval_tasks", str(exc)) from None
     D.barrier()  # every rank has checked the run directory before rank 0 writes into it
     # Rank 0 tokenizes (and caches); the other ranks then read its shards.
-    tokens = _tokens(opts, opts.data, tokenizer, out, info)
-    if opts.val_data:  # its own inputs: all of `data` trains
-        train_tokens, val_tokens = tokens, _tokens(opts, opts.val_data, tokenizer, out, info)
+    shards = _tokens(opts, opts.data, tokenizer, out, info)
+    val_shards = _tokens(opts, opts.val_data, tokenizer, out, info) if opts.val_data else None
+    if val_shards is not None:  # its own inputs: all of `data` trains
+        train_tokens, val_tokens = shards.tokens, val_shards.tokens
     else:
-        train_tokens, val_tokens = split_tokens(tokens, opts.val_fraction)
+        train_tokens, val_tokens = split_tokens(shards.tokens, opts.val_fraction)
     task = LMTask(
         train_tokens,
         val_tokens if opts.val_data or opts.val_fraction > 0 else None,
@@ -230,6 +272,23 @@ def _pretrain(opts: PretrainOptions, callback, out: Path, device, info) -> dict[
     if info.is_main:
         atomic_write_text(out / "run.json", json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
     log.info("model %s: %s parameters", config.name, f"{model.num_parameters():,}")
+    if on_header is not None and info.is_main:
+        has_val = opts.val_data or opts.val_fraction > 0
+        on_header(
+            {
+                "data": data_report(opts, opts.data, shards),
+                "val_data": data_report(opts, opts.val_data, val_shards) if val_shards else None,
+                "train_tokens": len(train_tokens),
+                "val_tokens": len(val_tokens) if has_val else 0,
+                "split": "val_data" if opts.val_data else opts.val_fraction,
+                "model": config.name,
+                "parameters": model.num_parameters(),
+                "device": str(device),
+                "dtype": opts.dtype,
+                "world_size": info.world_size,
+                "resume_step": resume_step,
+            }
+        )
     torch.manual_seed(opts.seed)
     result = trainer.fit(resume=opts.resume)
     return {
