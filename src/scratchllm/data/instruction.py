@@ -58,14 +58,12 @@ def check_template(template: str) -> None:
         raise InputError(f"--template {template!r}: expected one of {', '.join(TEMPLATES)}")
 
 
-def load_records(
-    path: str | Path, required: tuple[str, ...] = ("instruction", "output")
-) -> list[dict[str, str]]:
-    """Read a JSON list or JSONL of records; errors name the file and record (or line)."""
+def read_records(path: str | Path) -> tuple[Path, list[tuple[str, Any]]]:
+    """The (where, record) pairs of a JSON list or JSONL file, `where` naming the line (JSONL)
+    or the record number; a JSON syntax error is an `InputError` naming file and line."""
     path, raw = read_data_file(path)
-    stripped = raw.lstrip()
     records: list[tuple[str, Any]] = []
-    if stripped.startswith("["):
+    if raw.lstrip().startswith("["):
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -83,6 +81,18 @@ def load_records(
                 raise InputError(
                     f"--data {path}: line {number}: invalid JSON ({exc.msg})"
                 ) from None
+    return path, records
+
+
+def load_records(
+    path: str | Path,
+    required: tuple[str, ...] = ("instruction", "output"),
+    records: list[tuple[str, Any]] | None = None,
+) -> list[dict[str, str]]:
+    """Read a JSON list or JSONL of records; errors name the file and record (or line).
+    `records`: the file's (where, record) pairs when already read (`read_records`)."""
+    if records is None:
+        path, records = read_records(path)
     out = []
     for where, record in records:
         if not isinstance(record, dict):
@@ -126,6 +136,9 @@ class Example:
     # A cut example's last target: the first token cut away, a response token. None: the example
     # is whole, and its last target is the end-of-text the collate appends.
     cut_target: int | None = None
+    # Chat examples: for each token of ids + [end-of-text (or the cut target)], whether it is a
+    # target (an assistant token); the other targets are -100 whatever `mask_prompt` says.
+    mask: list[bool] | None = None
 
 
 def encode_examples(
@@ -183,7 +196,10 @@ def collate_instructions(
         n = len(s) - 1
         inputs[i, :n] = torch.tensor(s[:-1])
         targets[i, :n] = torch.tensor(s[1:])  # ends with the one end-of-text kept, or the cut
-        if mask_prompt:
+        if e.mask is not None:
+            keep = torch.tensor(e.mask[1 : n + 1], dtype=torch.bool)
+            targets[i, :n][~keep] = IGNORE_INDEX
+        elif mask_prompt:
             targets[i, : max(e.prompt_len - 1, 0)] = IGNORE_INDEX
     if allowed_max_length is not None:
         inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]

@@ -1,5 +1,9 @@
 """Instruction fine-tuning (ch. 7): next-token loss on prompt + response, padding ignored.
 
+Records are Alpaca's {"instruction", "input", "output"} or conversations (OpenAI's
+{"messages": [...]} or ShareGPT's {"conversations": [...]}, `data/chat.py`), told apart by the
+first record; conversations render as `chat` renders them and train on assistant turns only.
+
 After training, the test split's responses are generated (greedy, stop at end-of-text) into
 `test_responses.json` in the run directory, ready for `judge.py` to score.
 """
@@ -15,6 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from scratchllm.data.chat import (
+    encode_conversations,
+    is_chat_record,
+    load_conversations,
+    reply_prompt,
+    template_name,
+)
 from scratchllm.data.instruction import (
     IGNORE_INDEX,
     Example,
@@ -22,6 +33,7 @@ from scratchllm.data.instruction import (
     encode_examples,
     format_prompt,
     load_records,
+    read_records,
     split_records,
 )
 from scratchllm.finetune import FinetuneOptions, PromptSettings
@@ -35,7 +47,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class InstructOptions(FinetuneOptions, PromptSettings):
-    """`scratchllm finetune instruct`: instruction/response records (Alpaca format)."""
+    """`scratchllm finetune instruct`: instruction/response records (Alpaca format) or
+    conversations (OpenAI messages, ShareGPT), assistant turns trained."""
 
     mask_prompt: bool = setting(False, help="no loss on the prompt tokens")
     generate_tokens: int = setting(256, help="tokens per test response (0: skip)", ge=0)
@@ -67,7 +80,7 @@ class InstructionTask(ShuffledTask[list[Example], InstructBatch]):
         seed: int = 0,
         mask_prompt: bool = False,
         tokenizer=None,
-        sample_prompt: str | None = None,
+        sample_prompt: str | list[int] | None = None,
     ) -> None:
         self.pad_id = pad_id
         self.mask_prompt = mask_prompt
@@ -133,18 +146,31 @@ def fit_prompt(prompt: list[int], context: int, max_new_tokens: int) -> tuple[li
 
 
 @torch.no_grad()
-def _respond(model: torch.nn.Module, tokenizer, prompt_text: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt_text` up to end-of-text, decoded and stripped."""
+def _respond(
+    model: torch.nn.Module, tokenizer, prompt_text: str | list[int], max_new_tokens: int
+) -> str:
+    """Greedy continuation of `prompt_text` (text, or ids as `chat_prompt` gives) up to
+    end-of-text or a stop id of the tokenizer, decoded and stripped."""
     from scratchllm.inference.generate import generate
 
     device = next(model.parameters()).device
-    prompt = tokenizer.encode_ordinary(prompt_text)
+    prompt = tokenizer.encode_ordinary(prompt_text) if isinstance(prompt_text, str) else prompt_text
     prompt, budget = fit_prompt(prompt, model.config.context_length, max_new_tokens)
-    ids = generate(model, torch.tensor([prompt], device=device), budget, eos_id=tokenizer.eot_id)
+    stops = {tokenizer.eot_id, *tokenizer.stop_ids}
+    ids = generate(model, torch.tensor([prompt], device=device), budget, eos_id=stops)
     new = ids[0, len(prompt) :].tolist()
-    if tokenizer.eot_id in new:
-        new = new[: new.index(tokenizer.eot_id)]
-    return tokenizer.decode(new).strip()
+    end = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return tokenizer.decode(new[:end]).strip()
+
+
+def record_prompt(record: dict[str, Any], tokenizer, template: str) -> str | list[int]:
+    """What a record's response continues: the Alpaca prompt, or for a conversation the ids
+    `chat` builds for its history before the last reply."""
+    if "messages" not in record:
+        return format_prompt(record, template)
+    from scratchllm.inference.chat import chat_prompt
+
+    return chat_prompt(tokenizer, reply_prompt(record)[0])[0]
 
 
 @torch.no_grad()
@@ -160,7 +186,12 @@ def generate_responses(
     the context and the response loses its beginning: `fit_prompt`)."""
     out = []
     for record in records:
-        response = _respond(model, tokenizer, format_prompt(record, template), max_new_tokens)
+        prompt = record_prompt(record, tokenizer, template)
+        response = _respond(model, tokenizer, prompt, max_new_tokens)
+        if "messages" in record:  # the judge's fields: the last instruction and its reply
+            history, reply = reply_prompt(record)
+            users = [m["content"] for m in history if m["role"] == "user"]
+            record = {"instruction": users[-1] if users else "", "output": reply, **record}
         out.append({**record, "model_response": response})
         if progress is not None:
             progress(1)
@@ -178,7 +209,12 @@ class InstructRun(FinetuneRun):
         self.progress = progress
 
     def load_data(self) -> None:
-        records = load_records(self.opts.data)
+        path, raw = read_records(self.opts.data)
+        self.chat = bool(raw) and is_chat_record(raw[0][1])
+        if self.chat:
+            records: list[dict[str, Any]] = load_conversations(path, raw)
+        else:
+            records = load_records(path, records=raw)
         self.records = len(records)
         self.train_r, self.val_r, self.test_r = split_records(
             records, self.opts.split, self.opts.seed
@@ -186,9 +222,16 @@ class InstructRun(FinetuneRun):
 
     def encode(self) -> dict[str, Any]:
         opts = self.opts
-        info: dict[str, Any] = {"records": self.records, "template": opts.template}
+        info: dict[str, Any] = {"records": self.records, "template": self.template}
+        if self.chat:
+            info["format"] = "chat"
         self.splits, counts = {}, {}
         for name, part in (("train", self.train_r), ("val", self.val_r), ("test", self.test_r)):
+            if self.chat:
+                self.splits[name], counts[name] = encode_conversations(
+                    part, self.tokenizer, self.max_length
+                )
+                continue
             self.splits[name], counts[name] = encode_examples(
                 part, self.tokenizer, opts.template, self.max_length, opts.mask_prompt
             )
@@ -207,12 +250,17 @@ class InstructRun(FinetuneRun):
             opts.seed,
             opts.mask_prompt,
             self.tokenizer,
-            format_prompt((self.val_r or self.train_r)[0], opts.template),
+            record_prompt((self.val_r or self.train_r)[0], self.tokenizer, opts.template),
         )
         return self.task
 
+    @property
+    def template(self) -> str:
+        """The run's template: --template, or for conversations the one `chat` renders with."""
+        return template_name(self.tokenizer) if self.chat else self.opts.template
+
     def meta(self) -> dict[str, Any]:
-        return {"template": self.opts.template}
+        return {"template": self.template}
 
     def sample_tokens(self) -> int:
         return min(40, self.opts.generate_tokens)

@@ -7,25 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The book's instruction format (ch. 7, Alpaca), used when a tokenizer has no chat template: the
-# one copy that instruction tuning trains on (`data/instruction.py`).
-from scratchllm.data.instruction import ALPACA_PREAMBLE, ALPACA_STOPS, alpaca_text
+# one copy that instruction tuning trains on (`data/instruction.py`, conversations `data/chat.py`).
+from scratchllm.data.chat import alpaca_prompt
+from scratchllm.data.instruction import ALPACA_STOPS
 from scratchllm.errors import InputError
 from scratchllm.inference.engine import Engine, SamplingParams
 from scratchllm.tokenizers import Tokenizer
-
-
-def alpaca_prompt(messages: Sequence[dict[str, Any]]) -> str:
-    """The book's instruction format for a conversation (a system message replaces the preamble).
-
-    A user message's content is an instruction with no input (an `### Instruction:` section,
-    never an `### Input:`), each assistant turn a `### Response:`; the text ends with an open
-    `### Response:` for the model to fill. One user message thus gives exactly the prompt that
-    instruction tuning trained on for the record {"instruction": content, "input": ""}.
-    """
-    system = [m["content"] for m in messages if m["role"] == "system"]
-    kinds = {"user": "instruction", "assistant": "response"}
-    sections = [(kinds[m["role"]], m["content"]) for m in messages if m["role"] in kinds]
-    return alpaca_text(sections, system[0] if system else ALPACA_PREAMBLE)
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
