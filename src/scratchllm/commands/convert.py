@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-HELP = "import GPT-2 / Llama 3 / Qwen3 weights, or export a checkpoint to Hugging Face format"
+HELP = "import GPT-2 / Llama 3 / Qwen3 weights, or export a checkpoint to Hugging Face or GGUF"
 DESCRIPTION = """\
 Convert between scratchllm checkpoints and Hugging Face model folders.
 
@@ -13,6 +14,8 @@ Convert between scratchllm checkpoints and Hugging Face model folders.
           GPT-2 TensorFlow release (hparams.json + model.ckpt.*) -> a scratchllm checkpoint
   export: a scratchllm checkpoint -> config.json + model.safetensors + tokenizer files that
           transformers' from_pretrained loads (GPT-2, Llama or Qwen3 by the model's shape)
+  gguf:   a scratchllm checkpoint -> one .gguf file for llama.cpp / Ollama / LM Studio
+          (--to gguf --out model.gguf --dtype f32|f16|q8_0; --ollama adds a Modelfile beside it)
 
 The direction follows the input (--format auto). Tensors stream one at a time, so memory stays
 near the size of the largest tensor. A failed conversion leaves --out untouched.
@@ -21,6 +24,7 @@ examples:
   scratchllm convert --from models/gpt2 --out checkpoints/gpt2
   scratchllm convert --from models/Llama-3.2-1B-Instruct --out checkpoints/llama --dtype bfloat16
   scratchllm convert --from runs/my-run --out export/my-model --to hf
+  scratchllm convert --from runs/my-run --to gguf --out export/model.gguf --dtype q8_0 --ollama
 """
 
 
@@ -42,15 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--to",
-        choices=["hf", "scratchllm"],
+        choices=["hf", "gguf", "scratchllm"],
         default=None,
         help="output format (default: the other one)",
     )
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weight dtype to write (default: keep the source's)",
+        metavar="DTYPE",
+        help="weight dtype to write: auto, float32, bfloat16, float16; for --to gguf f32, f16 "
+        "or q8_0 (default: keep the source's)",
     )
     parser.add_argument(
         "--tokenizer",
@@ -59,10 +64,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="import with this tokenizer (bytes, gpt2:DIR, a folder) instead of the one in --from",
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--ollama", action="store_true", help="with --to gguf: write an Ollama Modelfile beside it"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from scratchllm.errors import InputError
     from scratchllm.hub.convert import convert
+
+    if args.to == "gguf":
+        return _run_gguf(args)
+    if args.ollama:
+        raise InputError("--ollama: only with --to gguf")
+    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise InputError(f"--dtype {args.dtype!r}: expected auto, float32, bfloat16 or float16")
 
     result = convert(
         args.source,
@@ -83,3 +99,44 @@ def run(args: argparse.Namespace) -> int:
         print(f"exported {result.source} as {result.architecture} ({size})")
         print(f"wrote {result.out}: load it with AutoModelForCausalLM.from_pretrained")
     return 0
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    from scratchllm.errors import InputError
+    from scratchllm.hub.convert import detect_format
+    from scratchllm.hub.gguf import export_gguf, parse_gguf_dtype
+
+    parse_gguf_dtype(args.dtype)  # a bad --dtype is refused before anything is read
+    if args.tokenizer is not None:
+        raise InputError(
+            "--tokenizer: not used with --to gguf (the checkpoint's tokenizer goes in)"
+        )
+    fmt = detect_format(args.source) if args.fmt == "auto" else args.fmt
+    if fmt != "scratchllm":
+        raise InputError(
+            f"--from {args.source}: --to gguf exports a scratchllm checkpoint; import this "
+            "folder first (scratchllm convert --from DIR --out CHECKPOINT)"
+        )
+    _check_gguf_out(Path(args.source), Path(args.out))
+    result = export_gguf(
+        args.source, args.out, dtype=args.dtype, force=args.force, ollama=args.ollama
+    )
+    size = f"{result.parameters / 1e6:.1f}M parameters, {result.config.n_layers} layers"
+    print(f"exported {result.source} as GGUF {result.architecture} ({size}, {result.dtype})")
+    print(f"wrote {result.out} ({result.tensors} tensors, tokenizer: {result.tokenizer})")
+    if result.modelfile is not None:
+        print(f"wrote {result.modelfile}: ollama create NAME -f {result.modelfile}")
+    else:
+        print(f'next: llama-cli -m {result.out} -p "Hello"')
+    return 0
+
+
+def _check_gguf_out(source: Path, out: Path) -> None:
+    """Refuse an --out that is or holds --from, or replaces a file inside it."""
+    from scratchllm.errors import InputError
+
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src.is_relative_to(dst):
+        raise InputError(f"--out {out}: is or holds --from {source}; expected a .gguf file")
+    if dst.exists() and dst.is_relative_to(src):
+        raise InputError(f"--out {out}: would replace a file of --from {source}")
