@@ -1,10 +1,16 @@
-"""The optimizer the trainer builds: AdamW with decay on ≥2-D weights only."""
+"""The optimizer the trainer builds: AdamW with decay on ≥2-D weights only, or Muon + AdamW.
+
+A parameter group may carry `lr_scale`: the trainer sets its learning rate to the schedule's
+value times that, so one schedule drives AdamW's `lr` and Muon's `muon_lr` alike.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+
+from scratchllm.train.muon import MuonAdamW, split_for_muon
 
 # -- optimizer ---------------------------------------------------------------------------------
 # Measured with benchmarks/train_throughput.py: on CPU the fused AdamW kernel beats the foreach
@@ -18,7 +24,13 @@ if TYPE_CHECKING:
 def build_optimizer(
     model: torch.nn.Module, config: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on ≥2-D weights (matmuls, embeddings), not on norms or biases."""
+    """AdamW; weight decay only on ≥2-D weights (matmuls, embeddings), not on norms or biases.
+
+    With `optimizer="muon"`: Muon on the hidden 2-D weights (no weight decay, as published),
+    AdamW as above on embeddings, the output head, norms and biases.
+    """
+    if config.optimizer == "muon":
+        return _muon(model, config, device)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -32,3 +44,16 @@ def build_optimizer(
         impl = _AUTO_IMPL.get(device.type, "foreach")
     extra = {"fused": True} if impl == "fused" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **extra)
+
+
+def _muon(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> MuonAdamW:
+    hidden, matrices, vectors = split_for_muon(model)
+    adam = dict(betas=(config.beta1, config.beta2), eps=1e-8, lr=config.lr, use_muon=False)
+    groups = [
+        dict(params=hidden, use_muon=True, lr=config.muon_lr, lr_scale=config.muon_lr / config.lr),
+        dict(params=matrices, weight_decay=config.weight_decay, **adam),
+        dict(params=vectors, weight_decay=0.0, **adam),
+    ]
+    # bf16 as published where matmuls are native to it; fp32 on CPU (no emulated-bf16 cost).
+    ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return MuonAdamW([g for g in groups if g["params"]], ns_dtype=ns_dtype)

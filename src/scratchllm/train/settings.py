@@ -43,8 +43,17 @@ class TrainConfig(OptimSettings):
     """Optimisation and bookkeeping settings of one run: everything `Trainer` reads."""
 
     grad_accum_steps: int = setting(1, help="micro-batches per optimizer step", ge=1)
-    min_lr: float | None = setting(None, help="cosine floor (default `lr`/10)", ge=0)
-    schedule: str = setting("cosine", help="learning-rate schedule", choices=("cosine", "constant"))
+    min_lr: float | None = setting(
+        None, help="floor the cosine or wsd decay ends at (default `lr`/10)", ge=0
+    )
+    schedule: str = setting(
+        "cosine",
+        help="learning-rate schedule (wsd: warmup, stable at the peak, linear decay)",
+        choices=("cosine", "constant", "wsd"),
+    )
+    decay_fraction: float = setting(
+        0.2, help="wsd: the last fraction of training spent decaying", gt=0, le=1
+    )
     beta1: float = setting(0.9, help="AdamW β1", ge=0, lt=1, flag=False)
     beta2: float = setting(0.95, help="AdamW β2", ge=0, lt=1, flag=False)
     eval_every: int = setting(100, help="evaluate and save every N steps", ge=1)
@@ -55,6 +64,12 @@ class TrainConfig(OptimSettings):
     dtype: str = setting("float32", help="autocast precision", choices=("float32", "bfloat16"))
     sample_tokens: int = setting(40, help="tokens in each evaluation sample (0 = none)", ge=0)
     keep_last: int = setting(2, help="step snapshots kept in OUT/checkpoints/ (0 = none)", ge=0)
+    optimizer: str = setting(
+        "adamw",
+        help="adamw | muon (Muon on hidden 2-D weights, AdamW on the rest)",
+        choices=("adamw", "muon"),
+    )
+    muon_lr: float = setting(0.02, help="peak learning rate of the Muon weights", gt=0)
     optimizer_impl: str = setting(
         "auto", help="AdamW kernel (auto: fused)", choices=("auto", "fused", "foreach")
     )

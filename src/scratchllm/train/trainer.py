@@ -403,9 +403,10 @@ class Trainer:
                     self.warmup_steps,
                     self.min_lr,
                     cfg.schedule,
+                    cfg.decay_fraction,
                 )
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                for group in self.optimizer.param_groups:  # lr_scale: see train/optim.py
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss_sum = torch.zeros((), device=self.device)
                 step_tokens = 0
                 for micro in range(cfg.grad_accum_steps):

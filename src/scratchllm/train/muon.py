@@ -1,0 +1,181 @@
+"""Muon: momentum orthogonalised by a Newton–Schulz iteration, for the 2-D hidden weights.
+
+The published algorithm (Keller Jordan, "Muon: An optimizer for hidden layers in neural
+networks", 2024; modded-nanogpt): keep a momentum buffer `m ← β·m + (1-β)·g`, take the Nesterov
+look-ahead `u = (1-β)·g + β·m`, replace `u` by the nearest (semi-)orthogonal matrix `U·Vᵀ` of its
+SVD — approximated by five steps of a quintic Newton–Schulz iteration with the coefficients
+(3.4445, -4.7750, 2.0315), tuned to push every singular value into roughly [0.7, 1.2] fast rather
+than to converge to exactly 1 — and step `p ← p - lr·max(1, rows/cols)^½·u`.
+
+Embeddings, the output head, norms and biases are not hidden matrices: they take AdamW. Both live
+in one `MuonAdamW` optimizer (each parameter group flagged `use_muon`), so the trainer's
+`state_dict` / `load_state_dict` checkpointing and exact resume treat it like any optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(
+    g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """An approximately orthogonal matrix with `g`'s singular vectors (`U·Vᵀ` of its SVD).
+
+    Computed in `dtype` (bf16 as published; fp32 for a reference) and returned in `g`'s dtype.
+    """
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    tall = g.size(-2) > g.size(-1)
+    if tall:  # iterate on the wide orientation: X·Xᵀ is the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm ≤ Frobenius norm ≤ 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if tall:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+def muon_update(
+    grad: torch.Tensor,
+    momentum: torch.Tensor,
+    beta: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Update `momentum` in place with `grad`; return the orthogonalised, shape-scaled step.
+
+    The step is a whole matrix even where `grad` is an FSDP2 shard (see `_full`).
+    """
+    momentum.lerp_(grad, 1 - beta)
+    u = _full(torch.lerp(grad, momentum, beta) if nesterov else momentum)
+    rows, cols = u.size(-2), u.size(-1)
+    return newton_schulz(u, ns_steps, ns_dtype) * max(1.0, rows / cols) ** 0.5
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of an FSDP2-sharded DTensor (every rank gets it); a tensor unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(update: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`update` sharded as `param` is (FSDP2: this rank's shard), or unchanged."""
+    if not hasattr(param, "device_mesh"):
+        return update
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for groups with `use_muon=True` (2-D weights), AdamW for the rest.
+
+    Group keys: Muon — `lr`, `momentum`, `nesterov`, `ns_steps`, `weight_decay`; AdamW — `lr`,
+    `betas`, `eps`, `weight_decay` (both decoupled: `p ← p·(1 - lr·wd)`). Under DDP every rank
+    holds the same averaged gradient and computes the same update; under FSDP2 each rank
+    gathers a matrix's momentum look-ahead, orthogonalises it and keeps its own shard.
+    """
+
+    def __init__(self, groups: Iterable[dict[str, Any]], ns_dtype: torch.dtype = torch.bfloat16):
+        defaults = dict(
+            lr=0.02,
+            use_muon=False,
+            momentum=0.95,
+            nesterov=True,
+            ns_steps=5,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            weight_decay=0.0,
+        )
+        super().__init__(list(groups), defaults)
+        for group in self.param_groups:
+            if group["use_muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon groups take 2-D weights only")
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_group(group)
+            else:
+                self._adamw_group(group)
+        return loss
+
+    def _muon_group(self, group: dict[str, Any]) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            update = muon_update(
+                p.grad,
+                state["momentum_buffer"],
+                group["momentum"],
+                group["nesterov"],
+                group["ns_steps"],
+                self.ns_dtype,
+            )
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(_like(update, p), alpha=-lr)
+
+    def _adamw_group(self, group: dict[str, Any]) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = float(state["step"])
+            g = p.grad
+            if wd:
+                p.mul_(1 - lr * wd)
+            state["exp_avg"].lerp_(g, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+
+
+def split_for_muon(model: torch.nn.Module) -> tuple[list, list, list]:
+    """(hidden 2-D weights for Muon, other ≥2-D weights, 1-D parameters) for AdamW.
+
+    Embedding tables and the output head (`out_head`, tied or not) are not hidden layers.
+    """
+    special = {
+        id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
+    }
+    head = getattr(model, "out_head", None)
+    if isinstance(head, torch.nn.Module):
+        special |= {id(p) for p in head.parameters()}
+    hidden, matrices, vectors = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2:
+            vectors.append(p)
+        elif p.dim() == 2 and id(p) not in special:
+            hidden.append(p)
+        else:
+            matrices.append(p)
+    return hidden, matrices, vectors

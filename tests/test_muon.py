@@ -1,0 +1,153 @@
+"""Muon: the Newton–Schulz orthogonalisation, a hand-computed reference step, training, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from scratchllm import ByteTokenizer, GPTModel, ModelConfig
+from scratchllm.train.muon import MuonAdamW, newton_schulz, split_for_muon
+from scratchllm.train.optim import build_optimizer
+from scratchllm.train.settings import TrainConfig
+from scratchllm.train.tasks import LMTask
+from scratchllm.train.trainer import Trainer, TrainerCallback
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+def test_newton_schulz_makes_singular_values_near_one(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(*shape, generator=g)
+    x = newton_schulz(m, steps=5, dtype=dtype)
+    assert x.shape == m.shape and x.dtype == m.dtype
+    s = torch.linalg.svdvals(x.float())
+    # The published quintic trades exact convergence for speed: every σ lands in about [0.7, 1.2].
+    assert s.min() > 0.6 and s.max() < 1.2, s
+    # Same singular vectors as the exact orthogonalisation U·Vᵀ: close to it in direction.
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    cos = (x.float() * (u @ vh)).sum() / (x.float().norm() * (u @ vh).norm())
+    assert cos > 0.97
+
+
+def _ns_reference(m: np.ndarray, steps: int = 5) -> np.ndarray:
+    """Newton–Schulz, written again from the published description, in float64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = m.T if m.shape[0] > m.shape[1] else m
+    x = x / (np.linalg.norm(x) + 1e-7)
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if m.shape[0] > m.shape[1] else x
+
+
+def test_two_reference_steps_match_a_hand_computation():
+    w0 = np.array([[0.5, -0.2], [0.1, 0.3], [-0.4, 0.7]])  # 3×2: tall, scale √(3/2)
+    g1 = np.array([[0.3, -0.1], [0.2, 0.4], [-0.5, 0.1]])
+    g2 = np.array([[-0.2, 0.6], [0.1, -0.3], [0.4, 0.2]])
+    lr, beta = 0.1, 0.95
+    p = torch.nn.Parameter(torch.tensor(w0, dtype=torch.float64))
+    opt = MuonAdamW([dict(params=[p], use_muon=True, lr=lr, momentum=beta)], torch.float64)
+    w, m = w0.copy(), np.zeros_like(w0)
+    for g in (g1, g2):
+        p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        m = beta * m + (1 - beta) * g  # momentum
+        u = (1 - beta) * g + beta * m  # Nesterov look-ahead
+        w = w - lr * np.sqrt(3 / 2) * _ns_reference(u)  # orthogonalise, scale by shape
+        np.testing.assert_allclose(p.detach().numpy(), w, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(opt.state[p]["momentum_buffer"].numpy(), m, atol=1e-12)
+
+
+def test_adamw_groups_match_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours = MuonAdamW([dict(params=[a], **kw)])
+    ref = torch.optim.AdamW([b], **kw)
+    for _ in range(4):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _model() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(
+        ModelConfig(vocab_size=257, context_length=16, emb_dim=32, n_heads=2, n_layers=1)
+    )
+
+
+def test_muon_takes_hidden_matrices_only_and_scales_its_lr():
+    model = _model()
+    hidden, matrices, vectors = split_for_muon(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in hidden) == [
+        "trf_blocks.0.att.out_proj.weight",
+        "trf_blocks.0.att.qkv.weight",
+        "trf_blocks.0.ff.fc1.weight",
+        "trf_blocks.0.ff.fc2.weight",
+    ]
+    assert sorted(names[id(p)] for p in matrices) == [
+        "out_head.weight",
+        "pos_emb.weight",
+        "tok_emb.weight",
+    ]
+    assert all(p.dim() == 1 for p in vectors)
+    config = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02)
+    opt = build_optimizer(model, config, torch.device("cpu"))
+    muon = [g for g in opt.param_groups if g["use_muon"]]
+    assert len(muon) == 1 and muon[0]["lr"] == 0.02 and muon[0]["lr_scale"] == pytest.approx(20)
+    assert all(g.get("lr_scale", 1.0) == 1.0 for g in opt.param_groups if not g["use_muon"])
+
+
+def _trainer(tmp_path, data_dir, max_steps=8, lr=1e-3, **kw) -> Trainer:
+    text = (data_dir / "corpora" / "the-verdict.txt").read_bytes()
+    tokens = np.frombuffer(text, dtype=np.uint8).astype(np.uint16)
+    task = LMTask(tokens[:4000], tokens[4000:], ByteTokenizer(), 4, 16, sample_prompt="a")
+    config = TrainConfig(
+        max_steps=max_steps,
+        lr=lr,
+        optimizer="muon",
+        eval_every=100,
+        eval_batches=1,
+        sample_tokens=0,
+        log_every=1,
+        seed=5,
+        **kw,
+    )
+    return Trainer(_model(), task, config, tmp_path / "run", ByteTokenizer())
+
+
+def test_a_tiny_muon_run_reduces_the_loss(tmp_path, data_dir):
+    trainer = _trainer(tmp_path, data_dir, max_steps=30, lr=3e-3, warmup_steps=2)
+    result = trainer.fit()
+    assert result.last_eval["val_loss"] < result.first_eval["val_loss"] - 0.5
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]  # the schedule scaled every group
+    assert lrs[0] == pytest.approx(0.02 / 3e-3 * lrs[1])
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, record):
+        if trainer.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer saves and stops at the boundary
+
+
+def test_muon_resume_is_exact(tmp_path, data_dir):
+    _trainer(tmp_path / "a", data_dir, max_steps=6).fit()
+    cut = _trainer(tmp_path / "b", data_dir, max_steps=6)
+    cut.callback = StopAt(3)
+    assert cut.fit().steps == 3
+    _trainer(tmp_path / "b", data_dir, max_steps=6).fit(resume=True)
+    a = (tmp_path / "a" / "run" / "checkpoint" / "model.safetensors").read_bytes()
+    b = (tmp_path / "b" / "run" / "checkpoint" / "model.safetensors").read_bytes()
+    assert a == b
