@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "import GPT-2 / Llama 3 / Qwen3 weights, or export a checkpoint to Hugging Face or GGUF"
@@ -96,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote scratchllm checkpoint {result.out} (tokenizer: {result.tokenizer})")
         print(f'next: scratchllm generate --checkpoint {result.out} --prompt "Hello"')
     else:
+        if args.tokenizer is not None:
+            print(
+                f"warning: --tokenizer {args.tokenizer} is ignored on export "
+                "(the checkpoint's own tokenizer is written)",
+                file=sys.stderr,
+            )
         print(f"exported {result.source} as {result.architecture} ({size})")
         print(f"wrote {result.out}: load it with AutoModelForCausalLM.from_pretrained")
     return 0

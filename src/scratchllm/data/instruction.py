@@ -60,7 +60,8 @@ def check_template(template: str) -> None:
 
 def read_records(path: str | Path) -> tuple[Path, list[tuple[str, Any]]]:
     """The (where, record) pairs of a JSON list or JSONL file, `where` naming the line (JSONL)
-    or the record number; a JSON syntax error is an `InputError` naming file and line."""
+    or the record number; a JSON syntax error is an `InputError` naming file and line. A file
+    that is one JSON value but not a list (a pretty-printed object) is refused for its shape."""
     path, raw = read_data_file(path)
     records: list[tuple[str, Any]] = []
     if raw.lstrip().startswith("["):
@@ -70,6 +71,8 @@ def read_records(path: str | Path) -> tuple[Path, list[tuple[str, Any]]]:
             raise InputError(
                 f"--data {path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
             ) from None
+        if not isinstance(data, list):  # "[1] [2]" fails to parse; this is only a safeguard
+            raise InputError(f"--data {path}: {expected_shape()}; got {describe_json(data)}")
         records = [(f"record {i + 1}", r) for i, r in enumerate(data)]
     else:
         for number, line in enumerate(raw.splitlines(), start=1):
@@ -78,10 +81,49 @@ def read_records(path: str | Path) -> tuple[Path, list[tuple[str, Any]]]:
             try:
                 records.append((f"line {number}", json.loads(line)))
             except json.JSONDecodeError as exc:
+                whole = _whole_value(raw)
+                if whole is not None:  # valid JSON, but one value over many lines: not JSONL
+                    raise InputError(
+                        f"--data {path}: {expected_shape()}; got {describe_json(whole[0])}"
+                    ) from None
                 raise InputError(
                     f"--data {path}: line {number}: invalid JSON ({exc.msg})"
                 ) from None
     return path, records
+
+
+def _whole_value(raw: str) -> tuple[Any] | None:
+    """(the value,) when the whole text is one JSON value, else None."""
+    try:
+        return (json.loads(raw),)
+    except json.JSONDecodeError:
+        return None
+
+
+def expected_shape(required: tuple[str, ...] = ("instruction", "output")) -> str:
+    """What a record file must hold, for messages: the fields in the order a record has them."""
+    fields = [k for k in required if k == "instruction"] + ["input (optional)"]
+    fields += [k for k in required if k != "instruction"]
+    return f"expected a JSON list of records with fields {', '.join(fields)}"
+
+
+def describe_json(value: Any) -> str:
+    """A JSON value in a few words, for a message: "an object with keys a, b", "a string"."""
+    if isinstance(value, dict):
+        if not value:
+            return "an empty object"
+        keys = [str(k) for k in value][:6]
+        more = ", ..." if len(value) > 6 else ""
+        return f"an object with keys {', '.join(keys)}{more} (not a list of them)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
 
 
 def load_records(
@@ -96,12 +138,15 @@ def load_records(
     out = []
     for where, record in records:
         if not isinstance(record, dict):
-            raise InputError(
-                f"--data {path}: {where}: expected an object, got {type(record).__name__}"
-            )
+            what = describe_json(record)
+            raise InputError(f"--data {path}: {expected_shape(required)}; got {where}: {what}")
         for key in required:
             if key not in record:
-                raise InputError(f"--data {path}: {where}: field {key!r} is missing")
+                has = ", ".join(str(k) for k in record) or "none"
+                raise InputError(
+                    f"--data {path}: {expected_shape(required)}; got {where}: "
+                    f"field {key!r} is missing (its fields: {has})"
+                )
         for key in (*required, "input"):
             if key in record and not isinstance(record[key], str):
                 raise InputError(f"--data {path}: {where}: field {key!r} must be a string")
