@@ -18,9 +18,10 @@ from typing import Any, Literal
 
 from scratchllm.errors import InputError
 
-Norm = Literal["layernorm", "rmsnorm"]
+# "rmsnorm_noparam": RMSNorm without a learned scale, everywhere (QK-norm included).
+Norm = Literal["layernorm", "rmsnorm", "rmsnorm_noparam"]
 PosEmbedding = Literal["learned", "rope"]
-FFN = Literal["gelu", "swiglu"]
+FFN = Literal["gelu", "swiglu", "relu2"]  # relu2: fc2(relu(fc1(x)) ** 2)
 
 
 @dataclass
@@ -47,6 +48,11 @@ class ModelConfig:
     ffn: FFN = "gelu"
     bias: bool = True  # bias on the output projection and the feed-forward linears
     qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3)
+    # Zero-initialised residual projections (attention out_proj, feed-forward down projection):
+    # every block starts as the identity (modded-nanogpt). Only the init; no Hugging Face effect.
+    zero_init_proj: bool = False
+    # Logit soft-capping at the language-model head: cap · tanh(logits / cap) (Gemma 2).
+    logit_softcap: float | None = None
     # Std of the embedding init. None: 1.0 (PyTorch's nn.Embedding default, the book's model)
     # when the head is untied, 0.02 (GPT-2) when it is tied, since the head then shares it.
     emb_init_std: float | None = None
@@ -94,6 +100,10 @@ class ModelConfig:
         if self.n_heads % self.kv_heads:
             raise InputError(
                 f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}"
+            )
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise InputError(
+                f"model config: 'logit_softcap' must be positive or null, got {self.logit_softcap}"
             )
         if self.pos_embedding == "rope" and self.head_size % 2:
             raise InputError(f"model config: RoPE needs an even head size, got {self.head_size}")
@@ -288,6 +298,22 @@ _QWEN3: dict[str, Any] = dict(
     qk_norm=True,
 )
 
+# scratchllm's modern small-model recipe (issue 15; modded-nanogpt, nanochat): RoPE, RMSNorm
+# without parameters, ReLU², QK-norm, zero-initialised projections, an untied head, logits
+# soft-capped at 15, no biases, no dropout.
+_GPT_MODERN: dict[str, Any] = dict(
+    pos_embedding="rope",
+    norm="rmsnorm_noparam",
+    ffn="relu2",
+    qk_norm=True,
+    zero_init_proj=True,
+    tie_embeddings=False,
+    logit_softcap=15.0,
+    bias=False,
+    qkv_bias=False,
+    drop_rate=0.0,
+)
+
 # The book's GPT-2 sizes (chapter 4, exercise 4.2) and small configs for tests and the quickstart.
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": dict(emb_dim=768, n_heads=12, n_layers=12),
@@ -298,6 +324,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-nano": dict(context_length=256, emb_dim=128, n_heads=4, n_layers=5, drop_rate=0.0),
     # ~10M non-embedding parameters (nanoGPT's Shakespeare size).
     "gpt-micro": dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.1),
+    # The modern recipe at the sizes of gpt-nano, gpt-micro and gpt2-small.
+    "gpt-modern-nano": dict(_GPT_MODERN, context_length=256, emb_dim=128, n_heads=4, n_layers=5),
+    "gpt-modern-micro": dict(_GPT_MODERN, context_length=256, emb_dim=384, n_heads=6, n_layers=6),
+    "gpt-modern-small": dict(_GPT_MODERN, emb_dim=768, n_heads=12, n_layers=12),
     # Llama 3.2 and Qwen3 shapes (weights come from `scratchllm convert`).
     "llama3.2-1b": dict(_LLAMA32, emb_dim=2048, n_heads=32, n_layers=16),
     "llama3.2-3b": dict(_LLAMA32, emb_dim=3072, n_heads=24, n_layers=28),

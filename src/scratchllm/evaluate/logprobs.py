@@ -246,7 +246,7 @@ def _run_batch(
         picked = states[
             torch.tensor(row_index, device=device), torch.tensor(hidden_index, device=device)
         ]
-        logits = model.out_head(picked).float()
+        logits = model.head_logits(picked).float()
     target_t = torch.tensor(targets, device=device)
     logprobs = logits.log_softmax(-1).gather(1, target_t[:, None])[:, 0]
     greedy = logits.argmax(-1) == target_t

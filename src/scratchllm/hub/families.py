@@ -188,6 +188,20 @@ def _llama_spec(hf: dict[str, Any], source: str, arch: str, family: str, name: s
 def export_spec(config: ModelConfig, source: str) -> HFSpec:
     """The Hugging Face architecture a `ModelConfig` exports to; refuse shapes none can hold."""
     c = config
+    modern = [  # scratchllm's modern options change the forward pass; no HF family has them
+        name
+        for name, used in (
+            ("ffn=relu2", c.ffn == "relu2"),
+            ("norm=rmsnorm_noparam", c.norm == "rmsnorm_noparam"),
+            ("logit_softcap", c.logit_softcap is not None),
+        )
+        if used
+    ]
+    if modern:
+        raise InputError(
+            f"{source}: no Hugging Face architecture holds {', '.join(modern)}; "
+            "keep this model as a scratchllm checkpoint"
+        )
     if c.pos_embedding == "learned" and c.norm == "layernorm" and c.ffn == "gelu":
         problems = []
         if c.kv_heads != c.n_heads:

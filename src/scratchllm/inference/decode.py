@@ -31,7 +31,7 @@ from scratchllm.model.attention import (
     scaled_dot_product_attention,
 )
 from scratchllm.model.gpt import GPTModel, TransformerBlock
-from scratchllm.model.layers import apply_rope
+from scratchllm.model.layers import apply_rope, softcap
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
 LayerStep = Callable[
@@ -89,6 +89,9 @@ class DecodeStep:
         self.layers = [_layer_step(block) for block in model.trf_blocks]
         self.final_norm = model.final_norm.forward
         self.head = model.out_head.forward
+        # `GPTModel.head_logits`: the language-model head's soft-cap (none for a classifier).
+        lm_head = model.config.num_classes is None
+        self.logit_softcap = model.config.logit_softcap if lm_head else None
         # The hook registries (mutated in place when a hook is added): empty = nothing to run.
         # Private dicts: nn.Module has no public way to list registered hooks.
         self._hooks = [
@@ -138,4 +141,4 @@ class DecodeStep:
         for layer in self.layers:
             x = layer(x, rope, cache, attn_mask)
         cache.advance(1)
-        return self.head(self.final_norm(x))
+        return softcap(self.head(self.final_norm(x)), self.logit_softcap)

@@ -469,7 +469,7 @@ class Engine:
         cache = BatchKVCache(self.config, len(requests), capacity, self.device, self.dtype)
         hidden = self.model(idx.to(self.device), cache=cache, return_hidden=True)
         last = hidden[torch.arange(len(requests)), torch.tensor(lengths) - 1]
-        logits = self.model.out_head(last)
+        logits = self.model.head_logits(last)
         cache.set_lengths(lengths)
         # n samples of one prompt: fork its cache row n times instead of prefilling it n times.
         rows = [row for row, r in enumerate(requests) for _ in range(r.params.n)]

@@ -124,7 +124,7 @@ def _score_row(
     entries: list[TokenLogprob] = []
     for lo in range(0, len(ids) - 1, _HEAD_CHUNK):
         hi = min(lo + _HEAD_CHUNK, len(ids) - 1)
-        logprobs = torch.log_softmax(model.out_head(hidden[lo:hi]).float(), dim=-1)
+        logprobs = torch.log_softmax(model.head_logits(hidden[lo:hi]).float(), dim=-1)
         targets = ids[lo + 1 : hi + 1]
         index = torch.tensor(targets, device=logprobs.device)[:, None]
         chosen = logprobs.gather(1, index)[:, 0].tolist()

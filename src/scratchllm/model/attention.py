@@ -242,8 +242,9 @@ class MultiHeadAttention(nn.Module):
         # One fused projection for queries, keys and values: one matmul instead of three.
         self.qkv = nn.Linear(config.emb_dim, self.q_dim + 2 * self.kv_dim, bias=config.qkv_bias)
         self.out_proj = nn.Linear(self.q_dim, config.emb_dim, bias=config.bias)
-        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        affine = config.norm != "rmsnorm_noparam"  # a parameter-free model: QK-norm too
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps, affine) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps, affine) if config.qk_norm else None
         self.dropout = config.drop_rate
         self.impl = "sdpa"
 

@@ -14,7 +14,7 @@ from torch import nn
 from scratchllm.config import ModelConfig
 from scratchllm.errors import InputError
 from scratchllm.model.attention import KVCache, MultiHeadAttention
-from scratchllm.model.layers import FeedForward, RotaryEmbedding, make_norm
+from scratchllm.model.layers import FeedForward, RotaryEmbedding, make_norm, softcap
 
 if TYPE_CHECKING:
     from scratchllm.tokenizers import Tokenizer
@@ -95,14 +95,19 @@ class GPTModel(nn.Module):
     # -- initialisation ------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02) linears, residual projections scaled by
-        1/sqrt(2·layers); embeddings as `ModelConfig.emb_init_std` says."""
+        1/sqrt(2·layers) (zeros with `zero_init_proj`); embeddings as
+        `ModelConfig.emb_init_std` says."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith(("out_proj", "ff.fc2", "ff.fc3")) else 0.02
+                residual = name.endswith(("out_proj", "ff.fc2", "ff.fc3"))
                 if name.endswith("ff.fc2") and self.config.ffn == "swiglu":
-                    std = 0.02  # in SwiGLU fc2 is the up projection, fc3 the residual one
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                    residual = False  # in SwiGLU fc2 is the up projection, fc3 the residual one
+                if residual and self.config.zero_init_proj:
+                    nn.init.zeros_(module.weight)
+                else:
+                    std = residual_std if residual else 0.02
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
@@ -175,7 +180,15 @@ class GPTModel(nn.Module):
         x = self.final_norm(x)
         if return_hidden:
             return x
-        return self.out_head(x)
+        return self.head_logits(x)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on final-norm states (`return_hidden`), soft-capped when
+        `config.logit_softcap` says (the language-model head only, not a classifier's)."""
+        logits = self.out_head(hidden)
+        if self.config.num_classes is not None:
+            return logits
+        return softcap(logits, self.config.logit_softcap)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:

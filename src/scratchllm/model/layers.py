@@ -1,4 +1,5 @@
-"""Building blocks: normalisations, GELU, the feed-forward network and rotary embeddings."""
+"""Building blocks: normalisations, GELU/ReLU², the feed-forward network, rotary embeddings
+and logit soft-capping."""
 
 from __future__ import annotations
 
@@ -31,25 +32,28 @@ class LayerNorm(nn.Module):
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation (Llama, Qwen): no mean subtraction, no shift.
 
-    Computed in float32 and cast back, as the reference implementations do.
+    Computed in float32 and cast back, as the reference implementations do. `affine=False`:
+    no learned scale at all (no parameter), the modern small-model recipe's norm.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is None:
+            return x32.to(dtype)
         return self.weight * x32.to(dtype)
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or config.emb_dim
-    if config.norm == "rmsnorm":
-        return RMSNorm(dim, config.norm_eps)
+    if config.norm in ("rmsnorm", "rmsnorm_noparam"):
+        return RMSNorm(dim, config.norm_eps, affine=config.norm == "rmsnorm")
     return LayerNorm(dim, config.norm_eps)
 
 
@@ -60,10 +64,26 @@ class GELU(nn.Module):
         return F.gelu(x, approximate="tanh")
 
 
-class FeedForward(nn.Module):
-    """Position-wise MLP: GELU at 4x width (GPT-2) or SwiGLU (Llama, Qwen).
+class ReLU2(nn.Module):
+    """ReLU squared, relu(x)² (Primer; modded-nanogpt's feed-forward activation)."""
 
-    GELU: fc2(gelu(fc1(x))).  SwiGLU: fc3(silu(fc1(x)) * fc2(x)), the book's Llama naming.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap · tanh(logits / cap): logits bounded by ±cap, near the identity well inside it.
+    `cap` None: the logits unchanged."""
+    if cap is None:
+        return logits
+    return cap * torch.tanh(logits / cap)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: GELU at 4x width (GPT-2), ReLU² or SwiGLU (Llama, Qwen).
+
+    GELU: fc2(gelu(fc1(x))).  ReLU²: fc2(relu(fc1(x))²).  SwiGLU: fc3(silu(fc1(x)) * fc2(x)),
+    the book's Llama naming.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -75,7 +95,7 @@ class FeedForward(nn.Module):
             self.fc2 = nn.Linear(d, h, bias=bias)
             self.fc3 = nn.Linear(h, d, bias=bias)
         else:
-            self.activation = GELU()
+            self.activation = ReLU2() if config.ffn == "relu2" else GELU()
             self.fc2 = nn.Linear(h, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

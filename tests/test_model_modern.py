@@ -1,0 +1,236 @@
+"""The modern architecture options (issue 15): ReLU², parameter-free RMSNorm, zero-initialised
+projections, logit soft-capping and the gpt-modern presets, each against the formula it names,
+through training, the decode path, checkpoints and the Hugging Face export's refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scratchllm import (
+    ByteTokenizer,
+    GPTModel,
+    InputError,
+    ModelConfig,
+    generate,
+    load_checkpoint,
+    save_checkpoint,
+)
+from scratchllm.hub.families import export_spec
+from scratchllm.inference.decode import DecodeStep
+from scratchllm.model import FeedForward
+from scratchllm.model.layers import RMSNorm, make_norm, softcap
+
+MODERN = ("gpt-modern-nano", "gpt-modern-micro", "gpt-modern-small")
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def modern_tiny(**kw) -> ModelConfig:
+    return ModelConfig.from_preset(
+        "gpt-modern-nano", context_length=32, emb_dim=32, n_heads=4, n_layers=2, **kw
+    )
+
+
+# -- ReLU² ------------------------------------------------------------------------------------
+def test_relu2_feed_forward_on_a_known_input():
+    ff = FeedForward(tiny(emb_dim=2, n_heads=1, hidden_dim=3, ffn="relu2", bias=False))
+    with torch.no_grad():
+        ff.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        ff.fc2.weight.copy_(torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 0.5]]))
+    x = torch.tensor([[2.0, -3.0]])
+    # fc1: (2, -3, -1) → relu: (2, 0, 0) → square: (4, 0, 0) → fc2: (4, 4)
+    assert torch.equal(ff(x), torch.tensor([[4.0, 4.0]]))
+    x = torch.tensor([[0.5, 1.5]])
+    # fc1: (0.5, 1.5, 2) → square: (0.25, 2.25, 4) → fc2: (6.5, 0.25·1 − 2.25 + 2 = 0)
+    assert torch.allclose(ff(x), torch.tensor([[6.5, 0.0]]))
+    assert set(dict(ff.named_parameters())) == {"fc1.weight", "fc2.weight"}
+
+
+# -- logit soft-capping -----------------------------------------------------------------------
+def test_softcap_bounds_the_logits_and_is_cap_tanh():
+    x = torch.tensor([-1e4, -30.0, -1.0, 0.0, 0.5, 15.0, 1e4])
+    capped = softcap(x, 15.0)
+    assert torch.allclose(capped, 15.0 * torch.tanh(x / 15.0))
+    assert capped.abs().max() <= 15.0
+    assert softcap(x, None) is x
+
+
+def test_model_logits_are_soft_capped():
+    torch.manual_seed(0)
+    capped = GPTModel(tiny(logit_softcap=2.0)).eval()
+    plain = GPTModel(tiny()).eval()
+    plain.load_state_dict(capped.state_dict())
+    with torch.no_grad():
+        capped.out_head.weight.mul_(50)  # raw logits far beyond the cap
+        plain.out_head.weight.copy_(capped.out_head.weight)
+        idx = torch.randint(0, 257, (2, 10))
+        raw, out = plain(idx), capped(idx)
+    assert raw.abs().max() > 10
+    assert out.abs().max() <= 2.0
+    assert torch.allclose(out, 2.0 * torch.tanh(raw / 2.0), atol=1e-6)
+
+
+def test_config_rejects_a_non_positive_softcap():
+    for bad in (0.0, -3.0):
+        with pytest.raises(InputError, match="logit_softcap"):
+            tiny(logit_softcap=bad)
+    with pytest.raises(InputError, match="ffn"):
+        tiny(ffn="relu3")
+
+
+# -- parameter-free RMSNorm -------------------------------------------------------------------
+def test_rmsnorm_noparam_has_no_parameters_and_normalises():
+    config = tiny(norm="rmsnorm_noparam", qk_norm=True)
+    norm = make_norm(config)
+    assert isinstance(norm, RMSNorm) and list(norm.parameters()) == []
+    x = torch.randn(3, 5, 32) * 7 + 2
+    y = norm(x)
+    assert torch.allclose(y.pow(2).mean(-1), torch.ones(3, 5), atol=1e-4)
+    assert torch.allclose(y, x / x.pow(2).mean(-1, keepdim=True).add(config.norm_eps).sqrt())
+    model = GPTModel(config)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("norm" in n for n in names), names  # block, final and QK norms alike
+    with_scale = GPTModel(tiny(norm="rmsnorm", qk_norm=True))
+    norm_params = sum(p.numel() for n, p in with_scale.named_parameters() if "norm" in n)
+    assert with_scale.num_parameters() - model.num_parameters() == norm_params > 0
+
+
+# -- zero-initialised projections -------------------------------------------------------------
+@pytest.mark.parametrize("ffn", ["gelu", "relu2", "swiglu"])
+def test_zero_init_projections_are_zero_and_blocks_start_as_identity(ffn):
+    torch.manual_seed(0)
+    model = GPTModel(tiny(ffn=ffn, zero_init_proj=True, logit_softcap=15.0)).eval()
+    down = "fc3" if ffn == "swiglu" else "fc2"
+    for block in model.trf_blocks:
+        assert not block.att.out_proj.weight.any()
+        assert not getattr(block.ff, down).weight.any()
+        assert block.att.qkv.weight.std() > 0.01 and block.ff.fc1.weight.std() > 0.01
+    if ffn == "swiglu":
+        assert model.trf_blocks[0].ff.fc2.weight.std() > 0.01  # the up projection: not zeroed
+    idx = torch.randint(0, 257, (2, 12))
+    with torch.no_grad():
+        positions = torch.arange(12)
+        hidden = model.final_norm(model.tok_emb(idx) + model.pos_emb(positions))
+        expected = 15.0 * torch.tanh(model.out_head(hidden) / 15.0)
+        assert torch.allclose(model(idx), expected, atol=1e-6)
+    default = GPTModel(tiny(ffn=ffn))
+    assert default.trf_blocks[0].att.out_proj.weight.any()  # off by default
+
+
+# -- presets ----------------------------------------------------------------------------------
+def test_modern_presets_combine_the_options_at_the_small_sizes():
+    sizes = {"gpt-modern-nano": "gpt-nano", "gpt-modern-micro": "gpt-micro"}
+    for name in MODERN:
+        c = ModelConfig.from_preset(name)
+        assert (c.pos_embedding, c.norm, c.ffn) == ("rope", "rmsnorm_noparam", "relu2")
+        assert c.qk_norm and c.zero_init_proj and not c.tie_embeddings
+        assert c.logit_softcap == 15.0 and not c.bias and not c.qkv_bias
+        classic = ModelConfig.from_preset(sizes.get(name, "gpt2-small"))
+        shape = ("context_length", "emb_dim", "n_heads", "n_layers", "vocab_size")
+        assert [getattr(c, f) for f in shape] == [getattr(classic, f) for f in shape], name
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_each_modern_preset_trains_on_bytes(name):
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig.from_preset(name, vocab_size=tok.vocab_size))
+    ids = torch.tensor(tok.encode("to be or not to be, that is the question. " * 2))
+    x, y = ids[None, :32], ids[None, 1:33]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(4):
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    # The zero-initialised projections learn (they get gradients through the residual stream).
+    assert model.trf_blocks[0].att.out_proj.weight.any()
+    assert model.trf_blocks[0].ff.fc2.weight.any()
+
+
+# -- inference paths --------------------------------------------------------------------------
+def _trained_modern(seed: int = 0) -> GPTModel:
+    torch.manual_seed(seed)
+    model = GPTModel(modern_tiny())
+    with torch.no_grad():  # leave the zero init, so that every layer takes part
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.out_head.weight.mul_(100)  # logits large enough for the cap to act
+    return model.eval()
+
+
+def test_decode_step_and_cached_generation_equal_the_full_forward():
+    model = _trained_modern()
+    prompt = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        model(prompt, cache=cache)
+        step = DecodeStep(model)
+        nxt = torch.tensor([9, 10])
+        logits = step(nxt, cache)
+        full = model(torch.cat([prompt, nxt[:, None]], 1))[:, -1]
+    assert torch.allclose(logits, full, atol=1e-4), (logits - full).abs().max()
+    assert full.abs().max() > 5 and logits.abs().max() <= 15.0  # the cap is in both
+    cached = generate(model, prompt, 10, use_cache=True)
+    uncached = generate(model, prompt, 10, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_head_logits_is_the_forward_head():
+    model = _trained_modern()
+    idx = torch.randint(0, 257, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(model.head_logits(model(idx, return_hidden=True)), model(idx))
+
+
+def test_modern_checkpoint_and_config_json_round_trip(tmp_path):
+    config = modern_tiny()
+    config.to_json(tmp_path / "c.json")
+    back = ModelConfig.from_json(tmp_path / "c.json")
+    assert back == config
+    assert (back.norm, back.ffn, back.logit_softcap, back.zero_init_proj) == (
+        "rmsnorm_noparam",
+        "relu2",
+        15.0,
+        True,
+    )
+    old = {
+        k: v for k, v in tiny().to_dict().items() if k not in ("zero_init_proj", "logit_softcap")
+    }
+    assert ModelConfig.from_dict(old) == tiny()  # configs written before the options still load
+    model = _trained_modern()
+    save_checkpoint(tmp_path / "ckpt", model, ByteTokenizer())
+    loaded = load_checkpoint(tmp_path / "ckpt").model
+    idx = torch.randint(0, 257, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+@pytest.mark.parametrize(
+    "kw, what",
+    [
+        (dict(ffn="relu2"), "ffn=relu2"),
+        (dict(norm="rmsnorm_noparam"), "norm=rmsnorm_noparam"),
+        (dict(logit_softcap=30.0), "logit_softcap"),
+    ],
+)
+def test_hub_export_refuses_the_modern_options(kw, what):
+    with pytest.raises(InputError, match=what):
+        export_spec(tiny(**kw), "model")
+    rope = dict(pos_embedding="rope", norm="rmsnorm", ffn="swiglu", bias=False)
+    with pytest.raises(InputError, match=what):
+        export_spec(tiny(**{**rope, **kw}), "model")
+
+
+def test_hub_export_refuses_the_modern_presets_and_keeps_zero_init():
+    with pytest.raises(InputError, match="relu2.*rmsnorm_noparam.*logit_softcap"):
+        export_spec(ModelConfig.from_preset("gpt-modern-nano"), "model")
+    assert export_spec(tiny(zero_init_proj=True), "model").family == "gpt2"  # only the init
