@@ -37,13 +37,9 @@ def lr_at(
     _check(schedule)
     if warmup_steps > 0 and step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return peak_lr
-    if schedule == "wsd":
-        return _wsd(step / max(1, total_steps), peak_lr, min_lr, decay_fraction)
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    cosine_progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    fraction = step / max(1, total_steps)
+    return _after_warmup(schedule, fraction, cosine_progress, peak_lr, min_lr, decay_fraction)
 
 
 def lr_at_fraction(
@@ -64,12 +60,26 @@ def lr_at_fraction(
     fraction = min(1.0, max(0.0, fraction))
     if warmup_fraction > 0 and fraction < warmup_fraction:
         return peak_lr * fraction / warmup_fraction
+    cosine_progress = (fraction - warmup_fraction) / max(1e-12, 1.0 - warmup_fraction)
+    return _after_warmup(schedule, fraction, cosine_progress, peak_lr, min_lr, decay_fraction)
+
+
+def _after_warmup(
+    schedule: str,
+    fraction: float,
+    cosine_progress: float,
+    peak_lr: float,
+    min_lr: float,
+    decay_fraction: float,
+) -> float:
+    """The schedule past warmup: `fraction` of all training done, `cosine_progress` of the
+    decay that follows warmup (both 0..1; larger values are clamped)."""
     if schedule == "constant":
         return peak_lr
     if schedule == "wsd":
         return _wsd(fraction, peak_lr, min_lr, decay_fraction)
-    progress = (fraction - warmup_fraction) / max(1e-12, 1.0 - warmup_fraction)
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, cosine_progress)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def _wsd(fraction: float, peak_lr: float, min_lr: float, decay_fraction: float) -> float:
