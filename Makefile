@@ -9,7 +9,7 @@ RUNTIME := $(VENV)/.runtime
 TORCH_PIN ?= torch==2.13.0
 export SCRATCHLLM_TEST_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install quickstart test bench lint format clean
+.PHONY: install quickstart test bench lint format clean interop
 
 # The runtime alone (what quickstart needs), then the dev tools on top (what test needs).
 $(RUNTIME): pyproject.toml Makefile
@@ -48,6 +48,16 @@ test: $(STAMP) browser
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# llama.cpp for the GGUF parity tests and the inference benchmark's llama.cpp rows: built from
+# llama-cpp-python's PyPI source with this machine's compiler (tens of minutes on 2 cores, once:
+# pip keeps the built wheel in its cache). Never part of `make test`'s default path.
+LLAMA_CPP_PIN ?= llama-cpp-python==0.3.36
+interop: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -v "$(LLAMA_CPP_PIN)" > $(VENV)/llama-build.log 2>&1 \
+	  || { tail -30 $(VENV)/llama-build.log; exit 1; }
+	SCRATCHLLM_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_llama_cpp.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -1,4 +1,4 @@
-"""Decode speed: scratchllm's engine vs transformers' `generate`, on the same gpt2-small weights.
+"""Decode speed: scratchllm's engine vs transformers' `generate` and llama.cpp, on the same weights.
 
 Random gpt2-small-shaped weights are saved as a scratchllm checkpoint, exported to a Hugging Face
 folder with `scratchllm.hub.export_hf` and loaded by both libraries (their logits are checked to
@@ -25,8 +25,17 @@ floor at that read bandwidth (`read_bandwidth_floor`).
 with weight-only int8 linears (`--quantize int8`, each activation dtype): decode tokens/s, its own
 bandwidth floor (the smaller weights + scales + KV cache), the speedup over transformers fp32 at
 the same batch, and the fraction of greedy tokens identical to the fp32 engine's on the
-benchmark prompts (bf16's agreement is given for scale: random weights have near-ties). Run it
-under the bench lock:
+benchmark prompts (bf16's agreement is given for scale: random weights have near-ties).
+
+`llama_cpp` (when llama-cpp-python imports; `make interop` builds it) adds llama.cpp on the same
+weights: the checkpoint exported as f32, f16 and q8_0 GGUF and decoded by llama.cpp's batch API
+with every core, at each batch (8: one sequence id per prompt), in a process of its own
+(`llama_cpp_bench.py`), with its bandwidth floor (the file's own weight bytes, f16 KV cache),
+its greedy agreement with the fp32 engine, and the ratios scratchllm/llama.cpp at the same
+weight precision (fp32/f32, fp16/f16, int8/q8_0) from median times. Each cell is timed
+`--repeats` times (default 5) after a warm-up. `--quick` is a smoke test (gpt-nano, a scratch
+output file). The real run wants a quiet machine — llama.cpp's spinning thread pool loses
+several-fold to any other load — under the bench lock:
 
     flock /tmp/scratchllm-bench.lock .venv/bin/python benchmarks/inference.py
 """
@@ -34,6 +43,7 @@ under the bench lock:
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -97,33 +107,45 @@ def floor_for(step_bytes: int, batch: int, bandwidth: float) -> dict[str, float]
 
 
 def refloor(row: dict, bandwidth: float, read: float) -> None:
-    """Recompute `row`'s floors and our share of them for the run's final bandwidths."""
-    rate = row["scratchllm_engine"]["tokens_per_s"]
+    """Recompute `row`'s floors and its decoder's share of them for the run's final bandwidths."""
+    rate = (row.get("scratchllm_engine") or row["llama_cpp"])["tokens_per_s"]
     for key, bw in (("bandwidth_floor", bandwidth), ("read_bandwidth_floor", read)):
         row[key] = floor_for(row["bandwidth_floor"]["bytes_per_step"], row["batch"], bw)
         row[f"fraction_of_{key}"] = round(rate / row[key]["max_tokens_per_s"], 3)
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of `fn` (each decoder syncs: it reads its tokens back every step)."""
+def timed(fn, repeats: int) -> list[float]:
+    """Wall times of `repeats` calls of `fn` after one warm-up call (each decoder syncs: it
+    reads its tokens back every step)."""
     fn()  # warm up: allocations, kernels, lazy tables
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def decode_rate(run, batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Tokens/s of decoding alone: (time for 1 + N tokens − time for 1 token)."""
+    """Tokens/s of decoding alone: (time for 1 + N tokens − time for 1 token), from the best
+    times (`tokens_per_s`) and from the median ones (`median_tokens_per_s`: what the
+    scratchllm/llama.cpp ratios use, as a spinning thread pool's best run flatters it)."""
     t1 = timed(lambda: run(1), repeats)
     tn = timed(lambda: run(1 + new_tokens), repeats)
-    step = (tn - t1) / new_tokens
+    return rate_from_times(t1, tn, batch, new_tokens)
+
+
+def rate_from_times(
+    t1: list[float], tn: list[float], batch: int, new_tokens: int
+) -> dict[str, float]:
+    """`decode_rate`'s numbers from the times of 1 token and of 1 + `new_tokens` tokens."""
+    step = (min(tn) - min(t1)) / new_tokens
+    median_step = (statistics.median(tn) - statistics.median(t1)) / new_tokens
     return {
         "tokens_per_s": round(batch / step, 2),
+        "median_tokens_per_s": round(batch / median_step, 2),
         "ms_per_step": round(step * 1e3, 3),
-        "prefill_ms": round(t1 * 1e3, 2),
+        "prefill_ms": round(min(t1) * 1e3, 2),
     }
 
 
@@ -249,12 +271,37 @@ def measure_quantized(ours, engine, x: torch.Tensor, args, bandwidth: float) -> 
     return row
 
 
+def trained_agreement(checkpoint: str, args) -> dict:
+    """Greedy agreement of the fp16- and int8-weight engines with the fp32 engine on a trained
+    checkpoint, prompted with The Verdict: on the benchmark's random weights near-ties make the
+    agreement a measure of rounding, not of what a user would see."""
+    from scratchllm.checkpoint import load_checkpoint
+    from scratchllm.inference.engine import Engine
+
+    ref = load_checkpoint(checkpoint, "cpu", torch.float32, pack=True)
+    tok, n_prompts = ref.tokenizer, 16
+    ids = tok.encode_ordinary((data_dir() / "corpora" / "the-verdict.txt").read_text("utf-8"))
+    stride = max(1, (len(ids) - args.prompt_len) // n_prompts)
+    rows = [ids[i * stride : i * stride + args.prompt_len] for i in range(n_prompts)]
+    want = greedy_tokens(Engine(ref.model.eval(), tok, max_batch=n_prompts), rows, args.new_tokens)
+    out: dict = {"checkpoint": str(checkpoint), "prompts": n_prompts, "text": "the-verdict.txt"}
+    for fmt in ("fp16", "int8"):
+        model = load_checkpoint(checkpoint, "cpu", torch.float32, quantize=fmt).model.eval()
+        got = greedy_tokens(Engine(model, tok, max_batch=n_prompts), rows, args.new_tokens)
+        forced = teacher_forced_agreement(model, rows, want)
+        out[fmt] = {**agreement(want, got), "teacher_forced_top1": forced}
+        print(f"trained {fmt} vs fp32: {out[fmt]}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="gpt2-small", help="model shape (gpt-nano: smoke test)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per cell (ratios use the median)"
+    )
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
@@ -263,7 +310,24 @@ def main() -> None:
     parser.add_argument(
         "--no-quantized", action="store_true", help="skip the fp16- and int8-weight rows"
     )
+    parser.add_argument(
+        "--no-llama-cpp", action="store_true", help="skip the llama.cpp (GGUF) rows"
+    )
+    parser.add_argument(
+        "--agreement-checkpoint",
+        default=None,
+        help="a trained checkpoint: also measure fp16/int8 greedy agreement with fp32 on it",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: gpt-nano shape, 8 new tokens, 2 repeats, fp32 only (not a measurement)",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.preset, args.new_tokens, args.repeats, args.dtypes = "gpt-nano", 8, 2, "float32"
+        # A smoke test's numbers must not replace the measured results/inference.json.
+        args.out = args.out or str(Path(tempfile.gettempdir()) / "scratchllm-inference-quick.json")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -383,13 +447,28 @@ def main() -> None:
                 f"{row.get('greedy_agreement_vs_fp32_engine', {}).get('tokens_identical')}",
                 flush=True,
             )
+    llama_rows, llama_greedy, llama_note = [], {}, None
+    if args.no_llama_cpp or args.device != "cpu":
+        llama_note = "skipped: --no-llama-cpp" if args.no_llama_cpp else "skipped: CPU only"
+    else:
+        from llama_cpp_bench import import_llama_cpp, llama_cpp_results
+
+        llama_cpp, why = import_llama_cpp()
+        if llama_cpp is None:
+            llama_note = f"skipped: {why}"
+            print("llama.cpp rows", llama_note, flush=True)
+        else:
+            llama_rows, llama_greedy = llama_cpp_results(
+                tmp / "ours", tmp, rows_all, batches, args, bandwidth, config,
+                rate_from_times, bandwidth_floor,
+            )  # fmt: skip
     # The copy bandwidth varies by ±10% over a run on this shared machine: the floor uses the
     # best of a measurement before and one after the timings (the stricter floor).
     bandwidth_after = copy_bandwidth(args.device)
     bandwidth_before, bandwidth = bandwidth, max(bandwidth, bandwidth_after)
     read_after = read_bandwidth(args.device)
     read = max(read_before, read_after)
-    for row in results + quantized_results:
+    for row in results + quantized_results + llama_rows:
         refloor(row, bandwidth, read)
     reference_agreement = {
         name: {**agreement(agree_ref, tokens), "teacher_forced_top1": forced.get(name)}
@@ -398,6 +477,27 @@ def main() -> None:
     }
 
     import transformers
+
+    llama_payload: dict = {"note": llama_note}
+    if llama_rows:
+        import llama_cpp
+        from llama_cpp_bench import ratios
+
+        llama_payload = {
+            "version": llama_cpp.__version__,
+            "method": (
+                "GGUF from scratchllm.hub.export_gguf of the same checkpoint; llama-cpp-python's "
+                "low-level batch API, one sequence id per prompt, llama.cpp's greedy sampler, "
+                "threads = --threads or all cores, default f16 KV cache"
+            ),
+            "results": llama_rows,
+            "ratios_scratchllm_over_llama_cpp": ratios(results, quantized_results, llama_rows),
+            "greedy_agreement_vs_scratchllm_fp32_engine": {
+                dtype: agreement(agree_ref, tokens)
+                for dtype, tokens in llama_greedy.items()
+                if agree_ref is not None
+            },
+        }
 
     payload = {
         "model": f"{args.preset} shape, random weights, greedy, no early stop",
@@ -430,9 +530,16 @@ def main() -> None:
             "note": "random weights: near-ties make greedy fragile; bf16 gives the scale",
             **reference_agreement,
         },
+        "llama_cpp": llama_payload,
+        "trained_greedy_agreement_vs_fp32_engine": (
+            trained_agreement(args.agreement_checkpoint, args)
+            if args.agreement_checkpoint
+            else "not measured: pass --agreement-checkpoint DIR (a trained checkpoint)"
+        ),
         "note": "the machine is shared; other work may have been running during the timings",
     }
     print("wrote", write_result("inference", payload, args.out))
+    shutil.rmtree(tmp, ignore_errors=True)  # the checkpoints and GGUF files: over 1 GB
 
 
 if __name__ == "__main__":
