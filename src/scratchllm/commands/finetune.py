@@ -24,8 +24,10 @@ examples:
 
 Each run writes checkpoint/, metrics.jsonl, loss.png (+ accuracy.png, confusion_matrix.png for
 classify) and results.json into --out. With --lora-rank, every checkpoint holds the merged
-weights and the adapters, which are also saved alone in --out/adapters/. A run that was stopped
-or killed continues with: scratchllm finetune TASK --out RUN --resume
+weights and the adapters, which are also saved alone in --out/adapters/; `scratchllm convert
+--from RUN --to peft --out DIR` turns them into a PEFT adapter, and --adapter DIR starts a LoRA
+run from one (--lora-rank at least its r). A run that was stopped or killed continues with:
+scratchllm finetune TASK --out RUN --resume
 """
 
 

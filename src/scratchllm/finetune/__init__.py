@@ -41,6 +41,13 @@ class FinetuneOptions(OptimSettings, RunSettings):
     lora_rank: int = setting(0, help="LoRA rank (0 = no LoRA: `train` picks whole layers)", ge=0)
     lora_alpha: float = setting(16.0, help="LoRA alpha; updates scale by alpha/rank", gt=0)
     lora_targets: str = setting("attn,ff", help="layers LoRA wraps: attn, ff or attn,ff")
+    adapter: str | None = setting(
+        None,
+        help="start LoRA from this PEFT adapter folder (adapter_config.json + "
+        "adapter_model.safetensors, e.g. from `scratchllm convert --to peft`) made for the "
+        "base `checkpoint`; needs `lora_rank` (at least the adapter's r)",
+        metavar="DIR",
+    )
     train: str | None = setting(
         None,
         help="what trains: head | last-N (the last N blocks + final norm + head) | all "
@@ -67,6 +74,10 @@ class FinetuneOptions(OptimSettings, RunSettings):
 
     def validate(self) -> None:
         super().validate()
+        if self.adapter is not None and not self.lora_rank:
+            raise SettingError(
+                "adapter", "needs `lora_rank` ≥ 1: the rank to train (at least the adapter's r)"
+            )
         if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6:
             raise SettingError(
                 "split", f"must be 3 shares (train, val, test) adding up to 1, got {self.split}"
@@ -105,9 +116,15 @@ def select_trainable(model: torch.nn.Module, spec: str) -> None:
 
 
 def prepare_model(
-    model: torch.nn.Module, opts: FinetuneOptions, default_train: str, head: tuple[str, ...]
+    model: torch.nn.Module,
+    opts: FinetuneOptions,
+    default_train: str,
+    head: tuple[str, ...],
+    base_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """Apply LoRA or the --train selection; return a description for results.json."""
+    """Apply LoRA (started from `opts.adapter` when given) or the --train selection; return a
+    description for results.json. `base_fingerprint` (of the base's weights) is compared with
+    the one an adapter exported by scratchllm records."""
     from scratchllm.model.lora import apply_lora, parameter_counts
 
     info: dict[str, Any] = {}
@@ -119,6 +136,13 @@ def prepare_model(
             "targets": opts.lora_targets,
             "layers": len(wrapped),
         }
+        if opts.adapter is not None and not opts.resume:  # a resume reads the trained factors
+            from scratchllm.hub.peft import load_peft_into
+
+            notes = load_peft_into(model, opts.adapter, opts.checkpoint, base_fingerprint)
+            for note in notes:
+                log.warning("%s", note)
+            info["lora"]["adapter"] = str(Path(opts.adapter).resolve())
         info["train"] = "lora" + ("+head" if head else "")
     else:
         spec = opts.train or default_train

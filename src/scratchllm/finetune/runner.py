@@ -108,6 +108,7 @@ class FinetuneRun(ABC):
         """Train, save out/checkpoint and out/results.json; returns the results. A run stopped by
         SIGTERM returns at once: {"interrupted": "SIGTERM", "step": N, "checkpoint": PATH}."""
         from scratchllm.checkpoint import load_checkpoint
+        from scratchllm.finetune.checkpoints import weights_fingerprint
         from scratchllm.fs import atomic_write_text
         from scratchllm.utils import pick_device, seed_everything
 
@@ -124,7 +125,9 @@ class FinetuneRun(ABC):
         if opts.dropout is not None:
             set_dropout(self.model, opts.dropout)
         self.adapt(self.model)
-        info.update(prepare_model(self.model, opts, self.default_train, self.head))
+        # Which base weights LoRA factors belong to: kept in lora.json, checked on resume.
+        fingerprint = weights_fingerprint(ckpt.path) if opts.lora_rank else None
+        info.update(prepare_model(self.model, opts, self.default_train, self.head, fingerprint))
         task = self.build_task()
         spe = task.steps_per_epoch()
         meta: dict[str, Any] = {
@@ -133,6 +136,8 @@ class FinetuneRun(ABC):
             "base_checkpoint": str(ckpt.path),
             "title": f"{self.kind} {Path(opts.data).name}",
         }
+        if fingerprint is not None:
+            meta["base_fingerprint"] = fingerprint
         run = json.dumps(dataclasses.asdict(opts), indent=2) + "\n"
         atomic_write_text(self.out / "run.json", run)  # what `resume` continues with
         trainer, result, seconds = run_trainer(
