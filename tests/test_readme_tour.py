@@ -127,7 +127,15 @@ def check(argv: list[str], out: str, root: Path) -> None:
     elif command == "data stats":
         assert "tokens" in out
     elif command == "convert":
-        assert (root / value["--out"] / "config.json").exists()
+        out_path = root / value["--out"]
+        to = value.get("--to", "hf")
+        if to == "gguf":
+            assert out_path.read_bytes()[:4] == b"GGUF"
+            if "--ollama" in argv:
+                assert (out_path.parent / "Modelfile").read_text().startswith("FROM ")
+        else:
+            name = "adapter_config.json" if to == "peft" else "config.json"
+            assert (out_path / name).exists(), name
     elif command.startswith("finetune"):
         run = root / value["--out"]
         for name in ("metrics.jsonl", "loss.png", "results.json"):
