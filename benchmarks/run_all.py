@@ -23,6 +23,7 @@ BENCHMARKS = {
     "finetune_sms": ("finetune_sms.py", True),
     "evaluate": ("evaluate.py", True),
     "data_prepare": ("data_prepare.py", True),
+    "speedrun": ("speedrun.py", True),
 }
 
 

@@ -43,7 +43,7 @@ def test_a_field_added_to_the_settings_is_a_flag_a_yaml_key_and_a_library_value(
     config.write_text("warmup-ratio: 0.25\n")
     seen = []
 
-    def fake_pretrain(opts, callback=None, on_header=None):
+    def fake_pretrain(opts, callback=None, on_header=None, explicit=None):
         seen.append(opts)
         return {"rank": 1}  # a non-zero rank reports nothing: the command exits 0 at once
 

@@ -31,7 +31,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,6 +61,9 @@ class _Flag:
     metavar: str | None = None
     aliases: tuple[str, ...] = ()
     nargs: str | None = None
+    # Reads a text value (a flag, a YAML string) into the field's type, e.g. "10m" → 600.0;
+    # raises ValueError with the problem ("must be ..., got '10x'"). Numbers pass through it.
+    parse: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +121,12 @@ def setting(
     le: float | None = None,
     lt: float | None = None,
     flag: bool = True,
+    parse: Callable[[Any], Any] | None = None,
 ) -> Any:
     """A dataclass field that is also a flag (unless `flag=False`: a library and YAML setting).
-    `help` is plain text (no %-escaping); `ge`/`gt`/`le`/`lt` bound a numeric value."""
-    info = _Flag(help, tuple(choices) if choices else None, metavar, tuple(aliases), nargs)
+    `help` is plain text (no %-escaping); `ge`/`gt`/`le`/`lt` bound a numeric value; `parse`
+    reads the text a flag or YAML gives (a duration "10m") before the range is checked."""
+    info = _Flag(help, tuple(choices) if choices else None, metavar, tuple(aliases), nargs, parse)
     meta: dict[str, Any] = {_KEY if flag else _PLAIN: info}
     if (ge, gt, le, lt) != (None, None, None, None):
         meta[_RANGE] = Range(ge, gt, le, lt)
@@ -244,7 +249,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, config: bool = Fals
             if spec.default is not True:
                 kw["const"] = True
         else:
-            if spec.scalar in (int, float):
+            if spec.scalar in (int, float) and flag.parse is None:  # else `build` parses it
                 kw["type"] = spec.scalar
             if flag.choices:
                 kw["choices"] = list(flag.choices)
@@ -286,6 +291,9 @@ def load_yaml(cls: type, path: str | Path) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name not in names:
             raise InputError(f"--config {path}: unknown option {key!r}")
+        if _parser(cls, name) is not None:  # `build` parses it (and names the field)
+            values[name] = value
+            continue
         values[name] = _coerce(value, hints[name], f"--config {path}: {key}")
     return values
 
@@ -371,13 +379,32 @@ class Settings:
         check(self)
 
 
+def _parser(cls: type, name: str) -> Callable[[Any], Any] | None:
+    info = _flag_meta(cls, name) or _meta(cls, name, _PLAIN)
+    return info.parse if info is not None else None
+
+
+def parse_values(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with each setting that declares a `parse` read by it (a SettingError naming the
+    field when it cannot be read)."""
+    out = dict(values)
+    for name, value in values.items():
+        parse = _parser(cls, name)
+        if parse is not None and value is not None:
+            try:
+                out[name] = parse(value)
+            except ValueError as exc:
+                raise SettingError(name, str(exc)) from None
+    return out
+
+
 def build(cls: type[T], values: Mapping[str, Any]) -> T:
-    """`cls(**values)`, checked (`check`, then its `validate`); a required setting left out is a
-    SettingError."""
+    """`cls(**values)`, checked (`parse_values`, `check`, then its `validate`); a required
+    setting left out is a SettingError."""
     for f in dataclasses.fields(cls):
         if f.init and _default(f) is _MISSING and f.name not in values:
             raise SettingError(f.name, "is required")
-    obj = cls(**values)
+    obj = cls(**parse_values(cls, values))
     check(obj)
     validate = getattr(obj, "validate", None)
     if callable(validate):

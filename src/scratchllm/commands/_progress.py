@@ -17,13 +17,16 @@ class ProgressCallback(TrainerCallback):
         self.bar: tqdm | None = None
         self.show_samples = show_samples
         self.peak_label = ""  # " of 157 GFLOP/s fp32 peak" once the trainer has found its peak
+        self.budget: float | None = None  # seconds, when the run has a time budget
 
     def on_start(self, trainer: Trainer) -> None:
+        # A time budget: the bar counts training seconds (the steps it will take are unknown).
+        self.budget = trainer.config.time_budget
         self.bar = tqdm(
-            total=trainer.total_steps,
-            initial=trainer.step,
+            total=round(self.budget) if self.budget else trainer.total_steps,
+            initial=round(trainer.train_seconds) if self.budget else trainer.step,
             desc="train",
-            unit="step",
+            unit="s" if self.budget else "step",
             dynamic_ncols=True,
             file=sys.stderr,
         )
@@ -35,8 +38,9 @@ class ProgressCallback(TrainerCallback):
     def on_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self.bar is None:
             return
-        self.bar.update(record["step"] - self.bar.n)
-        fields = {
+        self.bar.update(self._position(record["step"], record.get("train_s", 0.0)) - self.bar.n)
+        fields = {"step": str(record["step"])} if self.budget else {}
+        fields |= {
             "loss": f"{record['loss']:.3f}",
             "tok_s": f"{record['tokens_per_s']:.0f}",
         }
@@ -63,5 +67,8 @@ class ProgressCallback(TrainerCallback):
 
     def on_end(self, trainer: Trainer, result: TrainResult) -> None:
         if self.bar is not None:
-            self.bar.update(trainer.step - self.bar.n)
+            self.bar.update(self._position(trainer.step, trainer.train_seconds) - self.bar.n)
             self.bar.close()
+
+    def _position(self, step: int, train_s: float) -> int:
+        return min(round(train_s), round(self.budget)) if self.budget else step

@@ -18,6 +18,8 @@ examples:
   scratchllm pretrain --data 'books/*.txt' --model gpt2-small --tokenizer gpt2:gpt2_files \\
       --context-length 256 --max-steps 2000 --dtype bfloat16 --out runs/books
   scratchllm pretrain --out runs/books --resume      # continue where it stopped
+  scratchllm pretrain --data notes/ --recipe speedrun --time-budget 10m --out runs/fast
+      # the best known settings for 10 minutes of training on this machine
   scratchllm pretrain --data data/web --val-data val.jsonl --tokenizer gpt2 --out runs/web
       # data/web from `scratchllm data prepare`; --val-data in any input format
   torchrun --nproc_per_node=4 -m scratchllm pretrain --model gpt2-small ... --out runs/big
@@ -78,6 +80,17 @@ def print_header(info: dict[str, Any]) -> None:
         else "world size 1 (one process)"
     )
     lines.append(f"device: {info['device']}, dtype {info['dtype']}; {ranks}")
+    if info.get("time_budget") is not None:
+        from scratchllm.train.budget import format_duration
+
+        lines.append(
+            f"time budget: {format_duration(info['time_budget'])} of training steps "
+            "(evaluation and saving not counted)"
+        )
+    if info.get("recipe") is not None:
+        name, reasons = info["recipe"]
+        lines.append(f"recipe {name} picked:")
+        lines += [f"  {reason}" for reason in reasons]
     if info["resume_step"] is not None:
         lines.append(f"resuming from step {info['resume_step']}")
     print("\n".join(lines), flush=True)
@@ -90,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with settings.flags_in_errors(PretrainOptions):
             opts = resolve_options(args)
-            result = pretrain(opts, ProgressCallback(), on_header=print_header)
+            given = set(settings.given(PretrainOptions, args))  # a recipe keeps these
+            result = pretrain(opts, ProgressCallback(), on_header=print_header, explicit=given)
     except TrainingDiverged as exc:
         print(f"scratchllm pretrain: stopped: {exc}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,17 @@ class PretrainOptions(TrainConfig, RunSettings, DataSettings):
         metavar="NAME",
     )
     eval_limit: int = setting(100, help="items per task at each evaluation (eval_tasks)", ge=1)
+    recipe: str | None = setting(
+        None,
+        help="speedrun: pick model size, batch, learning rates and schedule for `time_budget` "
+        "and this machine's measured speed; the settings you give win",
+        choices=("speedrun",),
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.recipe is not None and self.time_budget is None and not self.resume:
+            raise SettingError("recipe", f"{self.recipe} needs `time_budget` (e.g. 10m)")
 
 
 def build_model_config(opts: PretrainOptions, tokenizer: Tokenizer) -> ModelConfig:
@@ -178,13 +189,16 @@ def pretrain(
     opts: PretrainOptions,
     callback: TrainerCallback | None = None,
     on_header: Callable[[dict[str, Any]], None] | None = None,
+    explicit: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Run pretraining; returns a summary (steps, tokens, seconds, evaluations, checkpoint, ...).
 
     `callback` receives the trainer's progress (None: nothing is reported); `on_header(info)`,
     before the first step, what the run is about to do (`data`, `val_data`, `train_tokens`,
     `val_tokens`, `split`, `model`, `parameters`, `device`, `dtype`, `world_size`,
-    `resume_step`). Under torchrun (RANK/WORLD_SIZE set) every rank runs this; rank 0 alone
+    `resume_step`, `recipe`: what `opts.recipe` picked and why). `explicit` names the settings
+    the user gave, which a recipe keeps (None: those that differ from their defaults). Under
+    torchrun (RANK/WORLD_SIZE set) every rank runs this; rank 0 alone
     writes and reports."""
     from scratchllm.train import distributed as D
     from scratchllm.utils import pick_device
@@ -195,13 +209,44 @@ def pretrain(
     device = D.device_for_rank(pick_device(opts.device), info)
     info = D.init_distributed(device)
     try:
-        return _pretrain(opts, callback, Path(opts.out), device, info, on_header)
+        reasons = None
+        if opts.recipe is not None and not opts.resume:  # resumed: run.json holds its choice
+            opts, reasons = _apply_recipe(opts, device, info, explicit)
+        return _pretrain(opts, callback, Path(opts.out), device, info, on_header, reasons)
     finally:
         D.cleanup()
 
 
+def _apply_recipe(
+    opts: PretrainOptions, device, info, explicit: Collection[str] | None
+) -> tuple[PretrainOptions, list[str]]:
+    """`opts` with `opts.recipe`'s choices (rank 0 calibrates; the other ranks take its pick)."""
+    import torch.distributed as dist
+
+    from scratchllm.fs import file_in_the_way
+    from scratchllm.train.recipe import apply_recipe
+
+    out = Path(opts.out)
+    if (blocker := file_in_the_way(out)) is not None:  # the recipe writes its model there
+        raise SettingError("out", f"{out}: {blocker} is a file; expected a folder")
+    if (out / "checkpoint" / "train_state.pt").exists():
+        raise SettingError(
+            "out", f"{out} already holds a run; pass `resume` to continue it or pick a new `out`"
+        )
+    picked: list[Any] = [None]
+    if info.is_main:
+        vocab = load_tokenizer(opts.tokenizer).vocab_size
+        opts, choice = apply_recipe(opts, vocab, device, explicit)
+        picked = [(opts, choice.reasons)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(picked, src=0)
+    opts, reasons = picked[0]
+    opts.validate()
+    return opts, reasons
+
+
 def _pretrain(
-    opts: PretrainOptions, callback, out: Path, device, info, on_header
+    opts: PretrainOptions, callback, out: Path, device, info, on_header, reasons=None
 ) -> dict[str, Any]:
     import torch
 
@@ -262,8 +307,9 @@ def _pretrain(
         world_size=info.world_size,
         extra_eval=extra_eval,
     )
-    # Neither a step count nor epochs: one pass over the data.
-    epochs = 1.0 if opts.max_steps is None and opts.epochs is None else opts.epochs
+    # Neither a step count, epochs nor a time budget: one pass over the data.
+    unbounded = opts.max_steps is None and opts.epochs is None and opts.time_budget is None
+    epochs = 1.0 if unbounded else opts.epochs
     train_config = project(opts, TrainConfig, device=str(device), epochs=epochs)
     meta = {"title": f"{config.name} on {', '.join(opts.data)}"[:80], "data": opts.data}
     if not info.is_main or callback is None:
@@ -287,6 +333,8 @@ def _pretrain(
                 "dtype": opts.dtype,
                 "world_size": info.world_size,
                 "resume_step": resume_step,
+                "time_budget": opts.time_budget,
+                "recipe": (opts.recipe, reasons) if reasons is not None else None,
             }
         )
     torch.manual_seed(opts.seed)

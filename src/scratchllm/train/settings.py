@@ -9,11 +9,28 @@ here (`ge=`, `gt=`, `le=`, `lt=`); `Settings.validate` checks them all.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from scratchllm.settings import Settings, setting
 
 SEED_LIMIT = 2**63  # torch.manual_seed takes 64 bits; one rank's seed is `seed` + its rank
+_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds in `value`: a number (seconds) or text such as "90", "90s", "10m", "1.5h".
+
+    The sign is kept, so that the setting's range reports "-5" (must be > 0); text that is not
+    a duration is a ValueError naming the forms accepted."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.fullmatch(str(value).strip().lower())
+    if match is None or match[2] not in _UNITS:
+        raise ValueError(f"must be a duration such as 90, 90s, 10m or 1.5h, got {value!r}")
+    return float(match[1]) * _UNITS[match[2]]
 
 
 @dataclass
@@ -24,7 +41,7 @@ class OptimSettings(Settings):
     batch_size: int = setting(8, help="sequences (examples) per micro-batch", ge=1)
     lr: float = setting(4e-4, help="peak learning rate", gt=0)
     warmup_steps: int | None = setting(
-        None, help="linear warmup steps (default 5% of steps, ≤200)", ge=0
+        None, help="linear warmup steps (default 5% of steps, ≤200; or of a time budget)", ge=0
     )
     weight_decay: float = setting(0.1, help="AdamW weight decay on ≥2-D weights", ge=0)
     grad_clip: float | None = setting(1.0, help="clip the global gradient norm (0 = off)", ge=0)
@@ -43,6 +60,15 @@ class TrainConfig(OptimSettings):
     """Optimisation and bookkeeping settings of one run: everything `Trainer` reads."""
 
     grad_accum_steps: int = setting(1, help="micro-batches per optimizer step", ge=1)
+    time_budget: float | None = setting(
+        None,
+        help="train for this long (90, 90s, 10m, 1.5h; seconds of training steps, evaluation "
+        "and saving not counted); the schedule follows the share used; with `max_steps` the "
+        "first reached ends the run",
+        metavar="DURATION",
+        gt=0,
+        parse=parse_duration,
+    )
     min_lr: float | None = setting(
         None, help="floor the cosine or wsd decay ends at (default `lr`/10)", ge=0
     )

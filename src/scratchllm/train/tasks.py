@@ -69,6 +69,7 @@ class LMTask:
             source = val_tokens if val_tokens is not None and len(val_tokens) else train_tokens
             sample_prompt = tokenizer.decode(source[:8].tolist()).strip() or "The"
         self.sample_prompt = sample_prompt
+        self._bytes_per_id: torch.Tensor | None = None
 
     def steps_per_epoch(self) -> int:
         return self.loader.batches_per_epoch
@@ -85,26 +86,47 @@ class LMTask:
     def tokens_in(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return batch[0].numel()
 
-    def _dataset_loss(self, model: torch.nn.Module, dataset, max_batches: int) -> float:
-        total, count = 0.0, 0
+    def _dataset_loss(
+        self, model: torch.nn.Module, dataset, max_batches: int, bpb: bool = False
+    ) -> tuple[float, float]:
+        """(mean loss, bits per byte or NaN without `bpb`) over the first `max_batches` batches
+        of `dataset`."""
+        total, count, nats, nbytes = 0.0, 0, 0.0, 0
         n = min(len(dataset), max_batches * self.batch_size)
         for start in range(0, n, self.batch_size):
             items = [dataset[i] for i in range(start, min(n, start + self.batch_size))]
             x = torch.stack([a for a, _ in items]).to(self.device)
-            y = torch.stack([b for _, b in items]).to(self.device)
-            total += float(lm_loss(model, x, y)) * len(items)
+            y = torch.stack([b for _, b in items])
+            logits = model(x).flatten(0, 1).float()
+            nll = F.cross_entropy(logits, y.flatten().to(self.device), reduction="none")
+            total += float(nll.mean()) * len(items)
             count += len(items)
-        return total / max(count, 1)
+            if bpb:  # from the same forward pass: special tokens count neither nats nor bytes
+                weight = self._token_bytes(logits.size(-1))[y.flatten()]
+                nats += float(nll.double().cpu()[weight > 0].sum())
+                nbytes += int(weight.sum())
+        bpb = nats / (math.log(2) * nbytes) if nbytes else math.nan
+        return total / max(count, 1), bpb
+
+    def _token_bytes(self, vocab_size: int) -> torch.Tensor:
+        if self._bytes_per_id is None:  # once, at the first evaluation
+            from scratchllm.evaluate.training import token_byte_lengths
+
+            lengths = token_byte_lengths(self.tokenizer, vocab_size)  # ids past the tokenizer's: 0
+            self._bytes_per_id = torch.from_numpy(lengths)
+        return self._bytes_per_id
 
     def evaluate(self, model: torch.nn.Module, max_batches: int) -> dict[str, float]:
-        """Mean loss over the first `max_batches` batches of each split (in order, as the book)."""
-        out = {"train_loss": self._dataset_loss(model, self.train_eval, max_batches)}
+        """Mean loss over the first `max_batches` batches of each split (in order, as the book),
+        and the validation bits per byte (`val_bpb`: comparable across tokenizers)."""
+        out = {"train_loss": self._dataset_loss(model, self.train_eval, max_batches)[0]}
         if self.val_eval is not None:
-            val = self._dataset_loss(model, self.val_eval, max_batches)
+            val, bpb = self._dataset_loss(model, self.val_eval, max_batches, bpb=True)
             out["val_loss"] = val
             out["val_ppl"] = math.exp(min(val, 50.0))
-        if self.extra_eval is not None:
-            out.update(self.extra_eval.run(model, self.val_eval, self.batch_size, max_batches))
+            out["val_bpb"] = bpb
+        if self.extra_eval is not None:  # its CORE tasks (val_bpb is the one above)
+            out.update(self.extra_eval.run(model, None, self.batch_size, max_batches))
         return out
 
     def sample(self, model: GPTModel, max_new_tokens: int) -> str:

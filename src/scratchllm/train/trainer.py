@@ -1,16 +1,18 @@
 """THE training loop. Pretraining and every fine-tuning task run through `Trainer`.
 
 A task supplies batches, a loss and an evaluation (see `Task`); the trainer owns everything
-else: AdamW with decoupled weight decay on ≥2-D weights only, warmup + cosine schedule,
-gradient accumulation and clipping, optional bf16 autocast, periodic evaluation with a text
-sample, `metrics.jsonl` + a loss-curve PNG, atomic checkpoints and `--resume`.
+else: AdamW (or Muon + AdamW) with decoupled weight decay on ≥2-D weights only, the schedule
+and when to stop (`train/budget.py`: by steps or a time budget of training seconds, evaluation
+not counted), gradient accumulation and clipping, optional bf16 autocast, periodic evaluation
+with a text sample, `metrics.jsonl` + a loss-curve PNG, atomic checkpoints and `--resume`.
 
-It also survives and scales: checkpoints hold everything an exact resume needs (weights,
-optimizer, schedule step, accumulation position, per-rank RNG, data position); SIGINT/SIGTERM
-stop at the next step boundary with a save; a NaN/inf loss stops before any bad weights are
-saved; under torchrun the model is wrapped in DDP or FSDP2 (see `train/distributed.py`) and only
-rank 0 writes. Tokens/s, MFU (against the hardware's peak for the dtype) and peak memory go to
-the callback and `metrics.jsonl`. The trainer never prints: it reports to a `TrainerCallback`.
+It also survives and scales: checkpoints hold everything an exact resume needs (weights, optimizer,
+schedule step, training seconds, accumulation position, per-rank RNG, data position);
+SIGINT/SIGTERM stop at the next step boundary with a save; a NaN/inf loss stops before any bad
+weights are saved; under torchrun the model is wrapped in DDP or FSDP2 (see `train/distributed.py`)
+and only rank 0 writes. Tokens/s, MFU (against the hardware's peak for the dtype) and peak memory
+go to the callback and `metrics.jsonl`. The trainer never prints: it reports to a
+`TrainerCallback`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,16 +39,17 @@ from scratchllm.checkpoint import (
     save_checkpoint,
     update_meta,
 )
-from scratchllm.errors import CheckpointError, ScratchLLMError
+from scratchllm.errors import CheckpointError
 from scratchllm.model.gpt import GPTModel
 from scratchllm.settings import SettingError
 from scratchllm.tokenizers import Tokenizer
 from scratchllm.train import distributed as D
+from scratchllm.train.budget import NO_STEP_LIMIT, LRPlan
 from scratchllm.train.guard import best_val_on_disk, judge_eval, keep_latest
+from scratchllm.train.interfaces import Task, TrainingDiverged, TrainResult
 from scratchllm.train.metrics import MetricsLog, plot_losses
 from scratchllm.train.optim import build_optimizer
 from scratchllm.train.parallelize import parallelize
-from scratchllm.train.schedule import lr_at
 from scratchllm.train.settings import TrainConfig
 from scratchllm.train.state import (
     _rng_from_plain,
@@ -60,35 +63,7 @@ from scratchllm.utils import parse_dtype, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-
-class TrainingDiverged(ScratchLLMError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class Task(Protocol):
-    """What a training task provides. Batches are whatever `loss` understands.
-
-    Under torchrun `loss` receives the wrapped (DDP/FSDP/compiled) model; `evaluate` and
-    `sample` receive the plain module.
-
-    `tokens_in` is the tokens the model processes: the batch's non-padding input tokens (both
-    sequences of a DPO pair), whatever the loss masks, so tokens/s and MFU compare across tasks."""
-
-    def steps_per_epoch(self) -> int: ...  # micro-batches in one pass over the training data
-
-    def next_batch(self) -> Any: ...
-
-    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor: ...
-
-    def tokens_in(self, batch: Any) -> int: ...
-
-    def evaluate(self, model: torch.nn.Module, max_batches: int) -> dict[str, float]: ...
-
-    def sample(self, model: GPTModel, max_new_tokens: int) -> str | None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+__all__ = ["Task", "Trainer", "TrainerCallback", "TrainingDiverged", "TrainResult"]
 
 
 class TrainerCallback:
@@ -103,17 +78,6 @@ class TrainerCallback:
     def on_save(self, trainer: Trainer, path: Path) -> None: ...
 
     def on_end(self, trainer: Trainer, result: TrainResult) -> None: ...
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    tokens: int
-    seconds: float
-    first_eval: dict[str, float] = field(default_factory=dict)
-    last_eval: dict[str, float] = field(default_factory=dict)
-    checkpoint: Path | None = None
-    interrupted: str | None = None  # "SIGTERM"/"SIGINT" when a signal stopped the run early
 
 
 class Trainer:
@@ -132,8 +96,10 @@ class Trainer:
         tokenizer: Tokenizer,
         meta: dict[str, Any] | None = None,
         callback: TrainerCallback | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         config.validate()
+        self.clock = clock  # times training steps (and so the budget); tests pass a fake one
         self.config = config
         self.device = pick_device(config.device)
         self.dist = D.DistInfo()
@@ -166,12 +132,8 @@ class Trainer:
         self.tokens = 0
         self.best_val = math.inf
         self.total_steps = self._total_steps()
-        self.warmup_steps = (
-            config.warmup_steps
-            if config.warmup_steps is not None
-            else min(200, int(0.05 * self.total_steps))
-        )
-        self.min_lr = config.min_lr if config.min_lr is not None else config.lr / 10
+        self.plan = LRPlan.for_config(config, self.total_steps)
+        self.train_seconds = 0.0  # inside training steps, over the whole run (resume included)
         self.autocast_dtype = parse_dtype(config.dtype)
         self.autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -205,6 +167,8 @@ class Trainer:
             candidates.append(max(1, math.ceil(self.config.epochs * per_epoch)))
         if self.config.max_steps is not None:
             candidates.append(self.config.max_steps)
+        if not candidates and self.config.time_budget is not None:
+            return NO_STEP_LIMIT  # the budget alone ends the run
         return min(candidates) if candidates else per_epoch
 
     def steps_per_epoch(self) -> int:
@@ -229,6 +193,7 @@ class Trainer:
         state = {
             "step": self.step,
             "tokens": self.tokens,
+            "train_seconds": self.train_seconds,  # what --resume leaves of a time budget
             "best_val": self.best_val,
             # Saves happen only between optimizer steps, so no micro-batch gradient is pending.
             "accum_position": 0,
@@ -330,6 +295,7 @@ class Trainer:
                 )
             set_rng_state(state["rng"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.best_val = min(float(state["best_val"]), best_val_on_disk(self.out_dir))
         self.first_eval = dict(state.get("first_eval", {}))
         if self.is_main:
@@ -376,15 +342,16 @@ class Trainer:
         self.callback.on_start(self)
         if self.step == 0 and not self.first_eval:
             self.first_eval = self._eval_and_log()
-        start_time, start_tokens = time.perf_counter(), self.tokens
-        train_time = 0.0  # time in training steps only (evaluation and saving excluded)
-        window_time, window_tokens = 0.0, self.tokens
+        if cfg.time_budget is not None:
+            log.info("%s; %.1fs used so far", self.plan.describe(), self.train_seconds)
+        start_time, start_tokens = self.clock(), self.tokens
+        window_time, window_tokens = self.train_seconds, self.tokens
         stop = _StopRequest()
         stop.install()
         interrupted: str | None = None
         boundary: tuple[dict[str, Any], dict[str, Any]] | None = None
         try:
-            while self.step < self.total_steps:
+            while not self._done():
                 if D.any_rank(stop.signal is not None, self.device):
                     interrupted = stop.signal or "SIGTERM"
                     log.warning(
@@ -392,19 +359,11 @@ class Trainer:
                     )
                     self.save()
                     break
-                step_start = time.perf_counter()
+                step_start = self.clock()
                 # What the state was at this step boundary: a Ctrl-C inside the step (after the
                 # loader and the RNG have moved on) saves this, so resume redoes the whole step.
                 boundary = (copy.deepcopy(self.task.state_dict()), rng_state())
-                lr = lr_at(
-                    self.step,
-                    cfg.lr,
-                    self.total_steps,
-                    self.warmup_steps,
-                    self.min_lr,
-                    cfg.schedule,
-                    cfg.decay_fraction,
-                )
+                lr = self.plan.lr(self.step, self.train_seconds)
                 for group in self.optimizer.param_groups:  # lr_scale: see train/optim.py
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss_sum = torch.zeros((), device=self.device)
@@ -437,23 +396,24 @@ class Trainer:
                     self.step += 1
                     self.tokens += step_tokens
                     boundary = None
-                train_time += time.perf_counter() - step_start
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                # Only here does time count against the budget: evaluation and saves are outside.
+                self.train_seconds += self.clock() - step_start
+                last = self._done()
+                if self.step % cfg.log_every == 0 or last:
                     record = self._train_record(
                         loss_value,
                         lr,
                         grad_norm,
-                        train_time - window_time,
+                        self.train_seconds - window_time,
                         self.tokens - window_tokens,
-                        time.perf_counter() - start_time,
+                        self.clock() - start_time,
                         flops_per_token,
                     )
-                    window_time, window_tokens = train_time, self.tokens
+                    window_time, window_tokens = self.train_seconds, self.tokens
                     if self.is_main:
                         self.metrics.write(record)
                         self._tensorboard(record)
                     self.callback.on_step(self, record)
-                last = self.step == self.total_steps
                 if self.step % cfg.eval_every == 0 or last:
                     if self.is_main:  # a NaN evaluation puts this latest checkpoint back
                         keep_latest(self.out_dir)
@@ -479,7 +439,7 @@ class Trainer:
             stop.restore()
             if self._tb is not None:
                 self._tb.flush()
-        elapsed = time.perf_counter() - start_time
+        elapsed = self.clock() - start_time
         result = TrainResult(
             steps=self.step,
             tokens=self.tokens - start_tokens,
@@ -491,6 +451,11 @@ class Trainer:
         )
         self.callback.on_end(self, result)
         return result
+
+    def _done(self) -> bool:
+        """All steps taken or the time budget spent (on any rank: they stop together)."""
+        done = self.plan.done(self.step, self.train_seconds)
+        return D.any_rank(done, self.device) if self.config.time_budget is not None else done
 
     def _reduce_step(self, loss_sum: torch.Tensor, tokens: int) -> tuple[float, int]:
         """Mean micro-batch loss over all ranks and the tokens all ranks consumed."""
@@ -531,6 +496,7 @@ class Trainer:
             "lr": lr,
             "tokens_per_s": rate,
             "elapsed_s": elapsed,
+            "train_s": self.train_seconds,
         }
         if grad_norm is not None:
             record["grad_norm"] = grad_norm

@@ -1,0 +1,313 @@
+"""`pretrain --recipe speedrun --time-budget T`: the best known settings for a budget and a machine.
+
+A new user should not have to tune. The speedrun recipe takes the modern architecture of the
+`gpt-modern-*` presets (RoPE, parameter-free RMSNorm, ReLU², QK-norm, zero-initialised
+projections, an untied head, soft-capped logits), Muon for the hidden matrices with AdamW for the
+rest, and a warmup–stable–decay schedule that decays to zero over the end of the budget
+(modded-nanogpt, nanochat). What it decides per run is the model size: a short calibration
+(about a second per candidate) measures this machine's training tokens/s for each candidate
+shape, and the largest shape that still sees `TOKENS_PER_PARAM` tokens per non-embedding
+parameter within the budget wins — a bigger model that sees too little data loses to a smaller
+one that sees enough (the compute-optimal trade of Chinchilla, at CPU scale).
+
+Every setting the user gives explicitly wins over the recipe (`explicit`: the names given; in
+the library, the settings that differ from their defaults). bf16 autocast only where the CPU
+has native bf16 kernels (AVX512-BF16 / AMX) or on CUDA; emulated bf16 is slower than fp32.
+The figures here are measured with benchmarks/speedrun.py (its ablation rows say which tricks
+pay on a 2-core CPU); a trick that did not pay is off here and the benchmark table says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from scratchllm.train.throughput import cpu_has_native_bf16
+
+# A `PretrainOptions` (train/pretrain.py imports this module: naming the class would be a circle).
+Options = TypeVar("Options")
+
+log = logging.getLogger(__name__)
+
+RECIPES = ("speedrun",)
+# The architecture (see config.py's _GPT_MODERN); `fields_off` in `speedrun_model` removes one
+# trick for an ablation.
+MODERN: dict[str, Any] = dict(
+    pos_embedding="rope",
+    norm="rmsnorm_noparam",
+    ffn="relu2",
+    qk_norm=True,
+    zero_init_proj=True,
+    tie_embeddings=False,
+    logit_softcap=15.0,
+    bias=False,
+    qkv_bias=False,
+    drop_rate=0.0,
+)
+TOKENS_PER_PARAM = 20.0  # training tokens per non-embedding parameter the chosen size must see
+CONTEXT = 256
+BATCH = 16  # the largest batch; a short budget gets a smaller one (`BATCHES`, `TARGET_STEPS`)
+BATCHES = (4, 8, 16)  # sequences per step the recipe picks from (whole windows of 1024 tokens)
+# Steps a run should at least take: a short budget is better spent on more, smaller steps (on
+# 2 cores a 1-minute budget at batch 16 gets ~35 steps and loses to the classic recipe).
+TARGET_STEPS = 300
+MUON_LR = 0.03
+ADAMW_LR = 6e-3  # embeddings, head and norms, beside Muon
+ADAMW_ONLY_LR = 2e-3  # every weight, with --optimizer adamw
+DECAY_FRACTION = 0.4
+WARMUP_STEPS = 20
+EVALS_PER_RUN = 20
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One candidate model size."""
+
+    n_layers: int
+    emb_dim: int
+    n_heads: int
+
+    def non_embedding_params(self) -> int:
+        # Attention 4·d², ReLU² feed-forward 8·d² per block (no biases, parameter-free norms).
+        return 12 * self.n_layers * self.emb_dim**2
+
+    @property
+    def label(self) -> str:
+        return f"{self.n_layers}x{self.emb_dim}"
+
+
+# Smallest first: the choice walks up while the budget feeds the larger one enough tokens.
+SHAPES: tuple[Shape, ...] = (
+    Shape(4, 128, 4),
+    Shape(4, 192, 6),
+    Shape(6, 256, 8),
+    Shape(6, 384, 6),
+    Shape(8, 512, 8),
+    Shape(12, 768, 12),
+)
+
+
+@dataclass
+class RecipeChoice:
+    """What the recipe set (`settings`, of `PretrainOptions`), the model it picked and why."""
+
+    settings: dict[str, Any]
+    model: dict[str, Any] | None  # a ModelConfig dict (None: the user's `model` stands)
+    reasons: list[str] = field(default_factory=list)
+    speeds: dict[str, float] = field(default_factory=dict)  # shape label → tokens/s measured
+
+
+def pick_dtype(device: torch.device) -> str:
+    """bfloat16 where it is native (CUDA with bf16, a CPU with AVX512-BF16/AMX), else float32."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def speedrun_model(shape: Shape, context_length: int, **changes: Any) -> dict[str, Any]:
+    """The recipe's model config at `shape` (vocab_size follows the tokenizer); `changes`
+    override fields (the benchmark's ablations: `ffn="gelu"`, ...)."""
+    return {
+        **MODERN,
+        "name": f"speedrun-{shape.label}",
+        "n_layers": shape.n_layers,
+        "emb_dim": shape.emb_dim,
+        "n_heads": shape.n_heads,
+        "context_length": context_length,
+        **changes,
+    }
+
+
+def choose_shape(
+    budget_s: float, speeds: dict[str, float], shapes: Sequence[Shape] = SHAPES
+) -> tuple[Shape, str]:
+    """The largest shape whose tokens in `budget_s` (at its measured tokens/s) reach
+    `TOKENS_PER_PARAM` per non-embedding parameter; the smallest when none does."""
+    chosen, why = shapes[0], "the smallest candidate (no larger one sees enough tokens)"
+    for shape in shapes:
+        rate = speeds.get(shape.label)
+        if rate is None:
+            continue
+        tokens = rate * budget_s
+        ratio = tokens / shape.non_embedding_params()
+        if ratio >= TOKENS_PER_PARAM:
+            chosen = shape
+            why = (
+                f"{shape.label} at {rate:,.0f} tokens/s sees {tokens / 1e6:.1f}M tokens in the "
+                f"budget, {ratio:.0f} per non-embedding parameter (≥ {TOKENS_PER_PARAM:.0f})"
+            )
+    return chosen, why
+
+
+def measure_speeds(
+    vocab_size: int,
+    context_length: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: str,
+    budget_s: float,
+    shapes: Sequence[Shape] = SHAPES,
+    seconds: float = 0.8,
+) -> dict[str, float]:
+    """Training tokens/s of each shape (forward, backward, Muon step) on this machine.
+
+    Walks up from the smallest and stops at the first shape that could no longer see
+    `TOKENS_PER_PARAM` tokens per parameter even at its measured speed: larger ones are slower
+    still, so measuring them would only cost time."""
+    speeds: dict[str, float] = {}
+    for shape in shapes:
+        rate = _tokens_per_s(shape, vocab_size, context_length, batch_size, device, dtype, seconds)
+        speeds[shape.label] = rate
+        if rate * budget_s / shape.non_embedding_params() < TOKENS_PER_PARAM:
+            break
+    return speeds
+
+
+def _tokens_per_s(
+    shape: Shape,
+    vocab_size: int,
+    context_length: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: str,
+    seconds: float,
+) -> float:
+    from scratchllm.config import ModelConfig
+    from scratchllm.model.gpt import GPTModel
+    from scratchllm.train.muon import MuonAdamW, split_for_muon
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    config = ModelConfig.from_dict(
+        {**speedrun_model(shape, context_length), "vocab_size": vocab_size}
+    )
+    model = GPTModel(config).to(device)
+    hidden, matrices, vectors = split_for_muon(model)
+    groups = [
+        dict(params=hidden, use_muon=True, lr=MUON_LR),
+        dict(params=matrices + vectors, use_muon=False, lr=ADAMW_LR),
+    ]
+    opt = MuonAdamW([g for g in groups if g["params"]], ns_dtype=torch.float32)
+    x = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
+
+    def step() -> None:
+        with autocast:
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the first step allocates and warms the kernels up: not timed
+    steps, start = 0, time.perf_counter()
+    while steps < 2 or time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    return steps * x.numel() / (time.perf_counter() - start)
+
+
+def explicit_settings(opts: Any) -> set[str]:
+    """The settings of `opts` that differ from their defaults (the library's "given")."""
+    default = type(opts)()
+    return {
+        f.name
+        for f in dataclasses.fields(opts)
+        if f.init and getattr(opts, f.name) != getattr(default, f.name)
+    }
+
+
+def speedrun(
+    opts: Any,
+    vocab_size: int,
+    device: torch.device,
+    explicit: Collection[str],
+    measure: Callable[..., dict[str, float]] = measure_speeds,
+) -> RecipeChoice:
+    """The speedrun settings for `opts.time_budget` on `device`; `measure` gives tokens/s per
+    shape (tests pass fixed figures)."""
+    budget = opts.time_budget
+    if budget is None:
+        raise ValueError("the speedrun recipe needs a time budget")
+    settings: dict[str, Any] = {}
+    reasons: list[str] = []
+    given = set(explicit)
+
+    def put(name: str, value: Any, why: str | None = None) -> None:
+        if name in given:
+            reasons.append(f"{name}: yours ({getattr(opts, name)!r}) over the recipe's {value!r}")
+            return
+        settings[name] = value
+        if why:
+            reasons.append(f"{name} {value}: {why}")
+
+    dtype = pick_dtype(device)
+    native = "native bf16" if dtype == "bfloat16" else "no native bf16: emulated bf16 is slower"
+    put("dtype", dtype, f"{device.type}, {native}")
+    put("optimizer", "muon", "Muon on the hidden matrices, AdamW on embeddings, head and norms")
+    adamw = settings.get("optimizer", opts.optimizer) == "adamw"
+    put("muon_lr", MUON_LR)
+    put("lr", ADAMW_ONLY_LR if adamw else ADAMW_LR)
+    put("schedule", "wsd", f"warmup, stable, linear decay to 0 over the last {DECAY_FRACTION:.0%}")
+    put("decay_fraction", DECAY_FRACTION)
+    put("min_lr", 0.0)
+    put("warmup_steps", WARMUP_STEPS)
+    put("weight_decay", 0.0 if not adamw else 0.1)
+    put("grad_clip", 1.0)
+    context = opts.context_length or CONTEXT
+    batch = opts.batch_size if "batch_size" in given else BATCH
+    model: dict[str, Any] | None = None
+    speeds: dict[str, float] = {}
+    if "model" in given:
+        reasons.append(f"model: yours ({opts.model}); no size calibration")
+        rate = None
+    else:
+        speeds = measure(vocab_size, context, batch, device, dtype, budget)
+        shape, why = choose_shape(budget, speeds)
+        rate = speeds.get(shape.label)
+        model = speedrun_model(shape, context)
+        measured = ", ".join(f"{k} {v:,.0f}" for k, v in speeds.items())
+        reasons.append(f"model {shape.label} (context {context}): {why}; tokens/s {measured}")
+    if "batch_size" not in given and rate:
+        fits = [b for b in BATCHES if rate * budget / (b * context) >= TARGET_STEPS]
+        batch = max(fits) if fits else min(BATCHES)
+        steps = rate * budget / (batch * context)
+        put("batch_size", batch, f"~{steps:,.0f} steps of {batch * context:,} tokens")
+    else:
+        put("batch_size", batch)
+    if rate:
+        steps = rate * budget / (batch * context)
+        put("eval_every", max(10, int(steps / EVALS_PER_RUN)), f"~{EVALS_PER_RUN} evaluations")
+    return RecipeChoice(settings, model, reasons, speeds)
+
+
+def apply_recipe(
+    opts: Options,
+    vocab_size: int,
+    device: torch.device,
+    explicit: Collection[str] | None = None,
+    measure: Callable[..., dict[str, float]] = measure_speeds,
+) -> tuple[Options, RecipeChoice]:
+    """`opts` with the recipe's settings where the user set none; the model it picks is written
+    to OUT/recipe-model.json and named by `model` (run.json then records it for --resume)."""
+    given = explicit_settings(opts) if explicit is None else set(explicit)
+    choice = speedrun(opts, vocab_size, device, given, measure)
+    changes = dict(choice.settings)
+    if choice.model is not None:
+        path = Path(opts.out) / "recipe-model.json"  # type: ignore[attr-defined]
+        from scratchllm.fs import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(choice.model, indent=2) + "\n")
+        changes["model"] = str(path)
+    for line in choice.reasons:
+        log.info("recipe speedrun: %s", line)
+    return dataclasses.replace(opts, **changes), choice  # type: ignore[type-var]

@@ -1,0 +1,153 @@
+"""`--recipe speedrun`: the size follows the budget and the measured speed, explicit settings win,
+bf16 only where the CPU has it natively. Speeds are given, not measured: no timing here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scratchllm.cli import main
+from scratchllm.train import recipe
+from scratchllm.train.pretrain import PretrainOptions
+from scratchllm.train.recipe import SHAPES, TOKENS_PER_PARAM, apply_recipe, choose_shape
+
+CPU = torch.device("cpu")
+
+
+def _speeds(rate: float) -> dict[str, float]:
+    """Every shape at `rate` tokens/s (the choice then turns on the budget alone)."""
+    return {s.label: rate for s in SHAPES}
+
+
+def _fixed(rate: float):
+    def measure(vocab_size, context, batch, device, dtype, budget):
+        return _speeds(rate)
+
+    return measure
+
+
+def test_the_size_grows_with_the_budget():
+    rate = 20_000.0
+    picks = [choose_shape(budget, _speeds(rate))[0] for budget in (10, 3600, 36_000, 360_000)]
+    assert picks[0] == SHAPES[0]  # nothing sees enough tokens: the smallest
+    sizes = [s.non_embedding_params() for s in picks]
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
+    for budget, shape in zip((3600, 36_000, 360_000), picks[1:], strict=True):
+        # The pick sees enough tokens and the next size up would not.
+        assert rate * budget >= TOKENS_PER_PARAM * shape.non_embedding_params()
+        bigger = SHAPES.index(shape) + 1
+        if bigger < len(SHAPES):
+            assert rate * budget < TOKENS_PER_PARAM * SHAPES[bigger].non_embedding_params()
+
+
+def test_a_faster_machine_gets_a_bigger_model():
+    slow, _ = choose_shape(600, _speeds(5_000))
+    fast, why = choose_shape(600, _speeds(500_000))
+    assert fast.non_embedding_params() > slow.non_embedding_params()
+    assert "tokens/s" in why
+
+
+def test_the_recipe_sets_muon_wsd_and_writes_its_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: False)
+    opts = PretrainOptions(out=str(tmp_path / "run"), time_budget=600.0, recipe="speedrun")
+    new, choice = apply_recipe(
+        opts, 257, CPU, explicit={"time_budget", "recipe", "out"}, measure=_fixed(20_000)
+    )
+    assert (new.optimizer, new.schedule, new.min_lr) == ("muon", "wsd", 0.0)
+    assert new.dtype == "float32"
+    model = json.loads((tmp_path / "run" / "recipe-model.json").read_text())
+    assert new.model == str(tmp_path / "run" / "recipe-model.json")
+    assert model["ffn"] == "relu2" and model["pos_embedding"] == "rope"
+    assert any("model" in line and "tokens/s" in line for line in choice.reasons)
+    new.validate()
+
+
+def test_explicit_settings_win(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: False)
+    opts = PretrainOptions(
+        out=str(tmp_path / "run"),
+        time_budget=600.0,
+        recipe="speedrun",
+        optimizer="adamw",
+        batch_size=4,
+        model="gpt-micro",  # the default, yet given: it stays
+    )
+    given = {"time_budget", "recipe", "out", "optimizer", "batch_size", "model"}
+    measured = []
+    new, choice = apply_recipe(
+        opts, 257, CPU, explicit=given, measure=lambda *a: measured.append(a) or {}
+    )
+    assert (new.optimizer, new.batch_size, new.model) == ("adamw", 4, "gpt-micro")
+    assert new.lr == recipe.ADAMW_ONLY_LR  # an AdamW-only run gets AdamW's rate
+    assert new.schedule == "wsd"  # what was not given still comes from the recipe
+    assert not measured  # the user's model: no size calibration
+    assert any("yours" in line for line in choice.reasons)
+    # In the library, settings that differ from their defaults count as given.
+    lib, _ = apply_recipe(
+        PretrainOptions(out=str(tmp_path / "lib"), time_budget=60.0, lr=1e-4),
+        257,
+        CPU,
+        measure=_fixed(20_000),
+    )
+    assert lib.lr == 1e-4 and lib.optimizer == "muon"
+
+
+@pytest.mark.parametrize("rate, batch", [(1_000.0, 4), (30_000.0, 16)])
+def test_a_short_budget_gets_smaller_steps(rate, batch, tmp_path):
+    opts = PretrainOptions(out=str(tmp_path / "run"), time_budget=60.0, recipe="speedrun")
+    new, choice = apply_recipe(opts, 257, CPU, explicit=set(), measure=_fixed(rate))
+    assert new.batch_size == batch
+    steps = rate * 60.0 / (batch * recipe.CONTEXT)
+    assert batch == min(recipe.BATCHES) or steps >= recipe.TARGET_STEPS
+
+
+@pytest.mark.parametrize("native, dtype", [(True, "bfloat16"), (False, "float32")])
+def test_the_dtype_follows_the_cpu(native, dtype, tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: native)
+    opts = PretrainOptions(out=str(tmp_path / "run"), time_budget=60.0, recipe="speedrun")
+    new, choice = apply_recipe(opts, 257, CPU, explicit=set(), measure=_fixed(20_000))
+    assert new.dtype == dtype
+    assert any(line.startswith(f"dtype {dtype}") for line in choice.reasons)
+
+
+def test_the_calibration_measures_a_real_step():
+    speeds = recipe.measure_speeds(257, 16, 2, CPU, "float32", 1.0, SHAPES[:2], seconds=0.0)
+    # A 1-second budget feeds no candidate: the walk stops after the first.
+    assert list(speeds) == [SHAPES[0].label] and speeds[SHAPES[0].label] > 0
+
+
+def test_the_recipe_needs_a_budget(tmp_path, capsys):
+    argv = ["pretrain", "--recipe", "speedrun", "--out", str(tmp_path / "run"), "--data", "x"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--recipe speedrun needs --time-budget (e.g. 10m)"), err
+
+
+def test_a_recipe_run_through_the_cli(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.setattr(recipe, "measure_speeds", lambda *a, **k: {SHAPES[0].label: 1.0})
+    monkeypatch.setattr(recipe, "CONTEXT", 32)
+    monkeypatch.setattr(recipe, "BATCH", 2)
+    out = tmp_path / "run"
+    argv = [
+        "pretrain",
+        "--data",
+        str(data_dir / "corpora" / "the-verdict.txt"),
+        "--recipe",
+        "speedrun",
+        "--time-budget",
+        "1s",
+        "--eval-batches",
+        "2",
+        "--sample-tokens",
+        "0",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "recipe speedrun picked:" in printed and "optimizer muon" in printed
+    run = json.loads((out / "run.json").read_text())
+    assert run["recipe"] == "speedrun" and run["optimizer"] == "muon"
+    assert run["eval_batches"] == 2  # given on the command line
