@@ -301,7 +301,7 @@ _QWEN3: dict[str, Any] = dict(
 # scratchllm's modern small-model recipe (issue 15; modded-nanogpt, nanochat): RoPE, RMSNorm
 # without parameters, ReLU², QK-norm, zero-initialised projections, an untied head, logits
 # soft-capped at 15, no biases, no dropout.
-_GPT_MODERN: dict[str, Any] = dict(
+GPT_MODERN: dict[str, Any] = dict(
     pos_embedding="rope",
     norm="rmsnorm_noparam",
     ffn="relu2",
@@ -325,9 +325,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~10M non-embedding parameters (nanoGPT's Shakespeare size).
     "gpt-micro": dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.1),
     # The modern recipe at the sizes of gpt-nano, gpt-micro and gpt2-small.
-    "gpt-modern-nano": dict(_GPT_MODERN, context_length=256, emb_dim=128, n_heads=4, n_layers=5),
-    "gpt-modern-micro": dict(_GPT_MODERN, context_length=256, emb_dim=384, n_heads=6, n_layers=6),
-    "gpt-modern-small": dict(_GPT_MODERN, emb_dim=768, n_heads=12, n_layers=12),
+    "gpt-modern-nano": dict(GPT_MODERN, context_length=256, emb_dim=128, n_heads=4, n_layers=5),
+    "gpt-modern-micro": dict(GPT_MODERN, context_length=256, emb_dim=384, n_heads=6, n_layers=6),
+    "gpt-modern-small": dict(GPT_MODERN, emb_dim=768, n_heads=12, n_layers=12),
     # Llama 3.2 and Qwen3 shapes (weights come from `scratchllm convert`).
     "llama3.2-1b": dict(_LLAMA32, emb_dim=2048, n_heads=32, n_layers=16),
     "llama3.2-3b": dict(_LLAMA32, emb_dim=3072, n_heads=24, n_layers=28),

@@ -33,6 +33,7 @@ import torch
 
 from scratchllm.config import ModelConfig
 from scratchllm.errors import InputError
+from scratchllm.hub.convert import _read_json
 from scratchllm.hub.families import HFSpec, export_spec
 from scratchllm.hub.names import FuseRows, Transpose, expected_shapes, name_map
 from scratchllm.model.lora import TARGETS, LoRALinear
@@ -136,18 +137,6 @@ class PeftAdapter:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     keys: dict[str, str]  # module → its lora_B key (for messages)
     metadata: dict[str, str]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

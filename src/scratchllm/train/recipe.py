@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from scratchllm.config import GPT_MODERN
 from scratchllm.train.throughput import cpu_has_native_bf16
 
 # A `PretrainOptions` (train/pretrain.py imports this module: naming the class would be a circle).
@@ -38,20 +39,6 @@ Options = TypeVar("Options")
 log = logging.getLogger(__name__)
 
 RECIPES = ("speedrun",)
-# The architecture (see config.py's _GPT_MODERN); `fields_off` in `speedrun_model` removes one
-# trick for an ablation.
-MODERN: dict[str, Any] = dict(
-    pos_embedding="rope",
-    norm="rmsnorm_noparam",
-    ffn="relu2",
-    qk_norm=True,
-    zero_init_proj=True,
-    tie_embeddings=False,
-    logit_softcap=15.0,
-    bias=False,
-    qkv_bias=False,
-    drop_rate=0.0,
-)
 TOKENS_PER_PARAM = 20.0  # training tokens per non-embedding parameter the chosen size must see
 CONTEXT = 256
 BATCH = 16  # the largest batch; a short budget gets a smaller one (`BATCHES`, `TARGET_STEPS`)
@@ -118,7 +105,7 @@ def speedrun_model(shape: Shape, context_length: int, **changes: Any) -> dict[st
     """The recipe's model config at `shape` (vocab_size follows the tokenizer); `changes`
     override fields (the benchmark's ablations: `ffn="gelu"`, ...)."""
     return {
-        **MODERN,
+        **GPT_MODERN,  # the gpt-modern presets' architecture
         "name": f"speedrun-{shape.label}",
         "n_layers": shape.n_layers,
         "emb_dim": shape.emb_dim,
