@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
-from scratchllm.train.muon import MuonAdamW, newton_schulz, split_for_muon
+from scratchllm.train.muon import MuonAdamW, muon_update, newton_schulz, split_for_muon
 from scratchllm.train.optim import build_optimizer
 from scratchllm.train.settings import TrainConfig
 from scratchllm.train.tasks import LMTask
@@ -60,6 +60,27 @@ def test_two_reference_steps_match_a_hand_computation():
         w = w - lr * np.sqrt(3 / 2) * _ns_reference(u)  # orthogonalise, scale by shape
         np.testing.assert_allclose(p.detach().numpy(), w, rtol=0, atol=1e-10)
     np.testing.assert_allclose(opt.state[p]["momentum_buffer"].numpy(), m, atol=1e-12)
+
+
+def test_the_batched_step_equals_one_matrix_at_a_time():
+    """Matrices of one (wide) shape share one Newton–Schulz: tall ones are transposed into the
+    batch and back, and each still gets its own norm, momentum and shape scale."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(8, 8), (16, 8), (8, 16), (8, 8), (16, 8), (4, 12)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g, dtype=torch.float64)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    opt = MuonAdamW([dict(params=params, use_muon=True, lr=0.05)], torch.float64)
+    moms = [torch.zeros_like(p) for p in params]
+    want = [p.clone() for p in start]
+    for _ in range(3):
+        grads = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad
+        opt.step()
+        for i, grad in enumerate(grads):
+            want[i] -= 0.05 * muon_update(grad, moms[i], ns_dtype=torch.float64)
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
 
 
 def test_adamw_groups_match_torch_adamw():

@@ -4,6 +4,7 @@ bf16 only where the CPU has it natively. Speeds are given, not measured: no timi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,13 +95,38 @@ def test_explicit_settings_win(tmp_path, monkeypatch):
     assert lib.lr == 1e-4 and lib.optimizer == "muon"
 
 
-@pytest.mark.parametrize("rate, batch", [(1_000.0, 4), (30_000.0, 16)])
-def test_a_short_budget_gets_smaller_steps(rate, batch, tmp_path):
+@pytest.mark.parametrize("rate", [1_000.0, 30_000.0, 300_000.0])
+def test_the_batch_is_the_largest_that_keeps_enough_steps(rate, tmp_path):
     opts = PretrainOptions(out=str(tmp_path / "run"), time_budget=60.0, recipe="speedrun")
     new, choice = apply_recipe(opts, 257, CPU, explicit=set(), measure=_fixed(rate))
-    assert new.batch_size == batch
-    steps = rate * 60.0 / (batch * recipe.CONTEXT)
-    assert batch == min(recipe.BATCHES) or steps >= recipe.TARGET_STEPS
+    context = json.loads(Path(new.model).read_text())["context_length"]
+    assert context == SHAPES[0].context  # the smallest shape at these speeds, with its context
+    tokens = rate * 60.0
+    step = new.batch_size * context
+    assert step in recipe.BATCH_TOKENS
+    if tokens / step < recipe.TARGET_STEPS:  # too short a budget for any: the smallest step
+        assert step == min(recipe.BATCH_TOKENS)
+    bigger = [b for b in recipe.BATCH_TOKENS if b > step]
+    assert not bigger or tokens / bigger[0] < recipe.TARGET_STEPS
+
+
+def test_each_size_has_its_context_and_a_given_context_wins(tmp_path):
+    assert [s.context for s in SHAPES] == sorted(s.context for s in SHAPES)
+    model = recipe.speedrun_model(SHAPES[2])
+    assert model["context_length"] == SHAPES[2].context
+    assert recipe.speedrun_model(SHAPES[2], 96)["context_length"] == 96
+    opts = PretrainOptions(
+        out=str(tmp_path / "run"), time_budget=60.0, recipe="speedrun", context_length=48
+    )
+    seen = []
+
+    def measure(vocab_size, context, batch_tokens, device, dtype, budget):
+        seen.append((context, batch_tokens))
+        return _speeds(20_000.0)
+
+    new, _ = apply_recipe(opts, 257, CPU, explicit={"context_length"}, measure=measure)
+    assert seen == [(48, recipe.CALIBRATION_TOKENS)]
+    assert json.loads(Path(new.model).read_text())["context_length"] == 48
 
 
 @pytest.mark.parametrize("native, dtype", [(True, "bfloat16"), (False, "float32")])
@@ -127,8 +153,6 @@ def test_the_recipe_needs_a_budget(tmp_path, capsys):
 
 def test_a_recipe_run_through_the_cli(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setattr(recipe, "measure_speeds", lambda *a, **k: {SHAPES[0].label: 1.0})
-    monkeypatch.setattr(recipe, "CONTEXT", 32)
-    monkeypatch.setattr(recipe, "BATCH", 2)
     out = tmp_path / "run"
     argv = [
         "pretrain",
@@ -140,6 +164,8 @@ def test_a_recipe_run_through_the_cli(tmp_path, data_dir, monkeypatch, capsys):
         "1s",
         "--eval-batches",
         "2",
+        "--context-length",
+        "32",
         "--sample-tokens",
         "0",
         "--out",

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from scratchllm.train.throughput import cpu_has_native_bf16
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -60,6 +62,14 @@ def muon_update(
     u = _full(torch.lerp(grad, momentum, beta) if nesterov else momentum)
     rows, cols = u.size(-2), u.size(-1)
     return newton_schulz(u, ns_steps, ns_dtype) * max(1.0, rows / cols) ** 0.5
+
+
+def muon_ns_dtype(device: torch.device) -> torch.dtype:
+    """The Newton–Schulz dtype: bf16 as published where matmuls are native to it (CUDA with bf16,
+    a CPU with AVX512-BF16/AMX), else fp32 (emulated bf16 costs more than it saves)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -116,17 +126,17 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def _muon_group(self, group: dict[str, Any]) -> None:
-        lr, wd = group["lr"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
+        lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        sharded = [p for p in params if hasattr(p, "device_mesh")]
+        for p in sharded:  # FSDP2: each matrix gathered whole, one at a time
             update = muon_update(
                 p.grad,
-                state["momentum_buffer"],
-                group["momentum"],
+                self.state[p]["momentum_buffer"],
+                beta,
                 group["nesterov"],
                 group["ns_steps"],
                 self.ns_dtype,
@@ -134,27 +144,63 @@ class MuonAdamW(torch.optim.Optimizer):
             if wd:
                 p.mul_(1 - lr * wd)
             p.add_(_like(update, p), alpha=-lr)
+        plain = [p for p in params if not hasattr(p, "device_mesh")]
+        if not plain:
+            return
+        # The same update as `muon_update`, for many matrices at once: a small model's step is
+        # dominated by per-matrix overhead (dozens of tiny Newton–Schulz loops), so matrices of
+        # one shape (transposed to their wide orientation) share one batched iteration.
+        grads = [p.grad for p in plain]
+        momenta = [self.state[p]["momentum_buffer"] for p in plain]
+        torch._foreach_lerp_(momenta, grads, 1 - beta)
+        looks = torch._foreach_lerp(grads, momenta, beta) if group["nesterov"] else momenta
+        by_shape: dict[tuple, list[int]] = {}
+        for i, u in enumerate(looks):
+            by_shape.setdefault((tuple(_wide(u).shape), u.dtype, u.device), []).append(i)
+        updates: dict[int, torch.Tensor] = {}
+        for members in by_shape.values():
+            wide = torch.stack([_wide(looks[i]) for i in members])
+            ortho = newton_schulz(wide, group["ns_steps"], self.ns_dtype)
+            for j, i in enumerate(members):
+                rows, cols = plain[i].shape
+                updates[i] = (ortho[j].mT if rows > cols else ortho[j]) * max(
+                    1.0, rows / cols
+                ) ** 0.5
+        if wd:
+            torch._foreach_mul_(plain, 1 - lr * wd)
+        torch._foreach_add_(plain, [updates[i] for i in range(len(plain))], alpha=-lr)
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             state["step"] += 1
-            t = float(state["step"])
-            g = p.grad
-            if wd:
-                p.mul_(1 - lr * wd)
-            state["exp_avg"].lerp_(g, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+        steps = [float(self.state[p]["step"]) for p in params]
+        grads = [p.grad for p in params]
+        exp_avg = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in params]
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / (1 - beta1**t) for t in steps])
+
+
+def _wide(u: torch.Tensor) -> torch.Tensor:
+    """`u` in its wide orientation (rows ≤ columns)."""
+    return u.mT if u.size(-2) > u.size(-1) else u
 
 
 def split_for_muon(model: torch.nn.Module) -> tuple[list, list, list]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scratchllm.train.muon import MuonAdamW, split_for_muon
+from scratchllm.train.muon import MuonAdamW, muon_ns_dtype, split_for_muon
 
 # -- optimizer ---------------------------------------------------------------------------------
 # Measured with benchmarks/train_throughput.py: on CPU the fused AdamW kernel beats the foreach
@@ -54,6 +54,4 @@ def _muon(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> 
         dict(params=matrices, weight_decay=config.weight_decay, **adam),
         dict(params=vectors, weight_decay=0.0, **adam),
     ]
-    # bf16 as published where matmuls are native to it; fp32 on CPU (no emulated-bf16 cost).
-    ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return MuonAdamW([g for g in groups if g["params"]], ns_dtype=ns_dtype)
+    return MuonAdamW([g for g in groups if g["params"]], ns_dtype=muon_ns_dtype(device))

@@ -8,7 +8,9 @@ rest, and a warmup–stable–decay schedule that decays to zero over the end of
 (about a second per candidate) measures this machine's training tokens/s for each candidate
 shape, and the largest shape that still sees `TOKENS_PER_PARAM` tokens per non-embedding
 parameter within the budget wins — a bigger model that sees too little data loses to a smaller
-one that sees enough (the compute-optimal trade of Chinchilla, at CPU scale).
+one that sees enough (the compute-optimal trade of Chinchilla, at CPU scale). Each shape has its
+own context length (a small model gains little from a long context and pays for its attention)
+and the batch is the largest that still gives `TARGET_STEPS` steps in the budget.
 
 Every setting the user gives explicitly wins over the recipe (`explicit`: the names given; in
 the library, the settings that differ from their defaults). bf16 autocast only where the CPU
@@ -40,12 +42,13 @@ log = logging.getLogger(__name__)
 
 RECIPES = ("speedrun",)
 TOKENS_PER_PARAM = 20.0  # training tokens per non-embedding parameter the chosen size must see
-CONTEXT = 256
-BATCH = 16  # the largest batch; a short budget gets a smaller one (`BATCHES`, `TARGET_STEPS`)
-BATCHES = (4, 8, 16)  # sequences per step the recipe picks from (whole windows of 1024 tokens)
-# Steps a run should at least take: a short budget is better spent on more, smaller steps (on
-# 2 cores a 1-minute budget at batch 16 gets ~35 steps and loses to the classic recipe).
-TARGET_STEPS = 300
+# Tokens per step the recipe picks from: the largest that still gives `TARGET_STEPS` steps.
+# Measured on Tiny Shakespeare, 4x128, 2 cores (benchmarks/speedrun.py's budgets): at 22 s, 1,536
+# tokens a step (~230 steps) beat 768 (~360 steps) and 3,072 (~130); at 66 s, 3,072 (~420 steps)
+# beat 1,536 (~700). Muon's per-step Newton–Schulz cost is what small steps waste.
+BATCH_TOKENS = (768, 1536, 3072, 6144, 12288, 24576)
+TARGET_STEPS = 200
+CALIBRATION_TOKENS = 1536  # tokens per step of the speed calibration
 MUON_LR = 0.03
 ADAMW_LR = 6e-3  # embeddings, head and norms, beside Muon
 ADAMW_ONLY_LR = 2e-3  # every weight, with --optimizer adamw
@@ -61,6 +64,7 @@ class Shape:
     n_layers: int
     emb_dim: int
     n_heads: int
+    context: int  # tokens of context the recipe trains this size with
 
     def non_embedding_params(self) -> int:
         # Attention 4·d², ReLU² feed-forward 8·d² per block (no biases, parameter-free norms).
@@ -71,14 +75,16 @@ class Shape:
         return f"{self.n_layers}x{self.emb_dim}"
 
 
-# Smallest first: the choice walks up while the budget feeds the larger one enough tokens.
+# Smallest first: the choice walks up while the budget feeds the larger one enough tokens. The
+# context grows with the size: at 4x128 on Tiny Shakespeare (bytes), context 64 and 128 both
+# ended at 2.37 bpb after 66 s where 256 ended at 2.45, and at 22 s 64 beat 128 by 0.1 bpb.
 SHAPES: tuple[Shape, ...] = (
-    Shape(4, 128, 4),
-    Shape(4, 192, 6),
-    Shape(6, 256, 8),
-    Shape(6, 384, 6),
-    Shape(8, 512, 8),
-    Shape(12, 768, 12),
+    Shape(4, 128, 4, 64),
+    Shape(4, 192, 6, 128),
+    Shape(6, 256, 8, 256),
+    Shape(6, 384, 6, 256),
+    Shape(8, 512, 8, 512),
+    Shape(12, 768, 12, 1024),
 )
 
 
@@ -101,16 +107,18 @@ def pick_dtype(device: torch.device) -> str:
     return "float32"
 
 
-def speedrun_model(shape: Shape, context_length: int, **changes: Any) -> dict[str, Any]:
-    """The recipe's model config at `shape` (vocab_size follows the tokenizer); `changes`
-    override fields (the benchmark's ablations: `ffn="gelu"`, ...)."""
+def speedrun_model(
+    shape: Shape, context_length: int | None = None, **changes: Any
+) -> dict[str, Any]:
+    """The recipe's model config at `shape` (vocab_size follows the tokenizer; context: the
+    shape's unless given); `changes` override fields (the benchmark's ablations: `ffn="gelu"`)."""
     return {
         **GPT_MODERN,  # the gpt-modern presets' architecture
         "name": f"speedrun-{shape.label}",
         "n_layers": shape.n_layers,
         "emb_dim": shape.emb_dim,
         "n_heads": shape.n_heads,
-        "context_length": context_length,
+        "context_length": context_length or shape.context,
         **changes,
     }
 
@@ -138,22 +146,25 @@ def choose_shape(
 
 def measure_speeds(
     vocab_size: int,
-    context_length: int,
-    batch_size: int,
+    context_length: int | None,
+    batch_tokens: int,
     device: torch.device,
     dtype: str,
     budget_s: float,
     shapes: Sequence[Shape] = SHAPES,
     seconds: float = 0.8,
 ) -> dict[str, float]:
-    """Training tokens/s of each shape (forward, backward, Muon step) on this machine.
+    """Training tokens/s of each shape (forward, backward, Muon step) on this machine, at its
+    context (or `context_length`) and about `batch_tokens` tokens a step.
 
     Walks up from the smallest and stops at the first shape that could no longer see
     `TOKENS_PER_PARAM` tokens per parameter even at its measured speed: larger ones are slower
     still, so measuring them would only cost time."""
     speeds: dict[str, float] = {}
     for shape in shapes:
-        rate = _tokens_per_s(shape, vocab_size, context_length, batch_size, device, dtype, seconds)
+        context = context_length or shape.context
+        batch = max(1, batch_tokens // context)
+        rate = _tokens_per_s(shape, vocab_size, context, batch, device, dtype, seconds)
         speeds[shape.label] = rate
         if rate * budget_s / shape.non_embedding_params() < TOKENS_PER_PARAM:
             break
@@ -171,7 +182,7 @@ def _tokens_per_s(
 ) -> float:
     from scratchllm.config import ModelConfig
     from scratchllm.model.gpt import GPTModel
-    from scratchllm.train.muon import MuonAdamW, split_for_muon
+    from scratchllm.train.muon import MuonAdamW, muon_ns_dtype, split_for_muon
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     config = ModelConfig.from_dict(
@@ -183,7 +194,7 @@ def _tokens_per_s(
         dict(params=hidden, use_muon=True, lr=MUON_LR),
         dict(params=matrices + vectors, use_muon=False, lr=ADAMW_LR),
     ]
-    opt = MuonAdamW([g for g in groups if g["params"]], ns_dtype=torch.float32)
+    opt = MuonAdamW([g for g in groups if g["params"]], ns_dtype=muon_ns_dtype(device))
     x = torch.randint(0, vocab_size, (batch_size, context_length), device=device)
 
     def step() -> None:
@@ -200,6 +211,14 @@ def _tokens_per_s(
         step()
         steps += 1
     return steps * x.numel() / (time.perf_counter() - start)
+
+
+def pick_batch(tokens: float, context: int) -> tuple[int, float]:
+    """(sequences per step, steps) for a run that sees about `tokens` tokens at `context`: the
+    largest of `BATCH_TOKENS` that still gives `TARGET_STEPS` steps (the smallest when none)."""
+    fits = [b for b in BATCH_TOKENS if tokens / b >= TARGET_STEPS]
+    batch = max(1, (max(fits) if fits else BATCH_TOKENS[0]) // context)
+    return batch, tokens / (batch * context)
 
 
 def explicit_settings(opts: Any) -> set[str]:
@@ -249,28 +268,26 @@ def speedrun(
     put("warmup_steps", WARMUP_STEPS)
     put("weight_decay", 0.0 if not adamw else 0.1)
     put("grad_clip", 1.0)
-    context = opts.context_length or CONTEXT
-    batch = opts.batch_size if "batch_size" in given else BATCH
     model: dict[str, Any] | None = None
     speeds: dict[str, float] = {}
     if "model" in given:
         reasons.append(f"model: yours ({opts.model}); no size calibration")
-        rate = None
+        rate, context = None, opts.context_length
     else:
-        speeds = measure(vocab_size, context, batch, device, dtype, budget)
+        speeds = measure(vocab_size, opts.context_length, CALIBRATION_TOKENS, device, dtype, budget)
         shape, why = choose_shape(budget, speeds)
         rate = speeds.get(shape.label)
-        model = speedrun_model(shape, context)
+        model = speedrun_model(shape, opts.context_length)
+        context = model["context_length"]
         measured = ", ".join(f"{k} {v:,.0f}" for k, v in speeds.items())
         reasons.append(f"model {shape.label} (context {context}): {why}; tokens/s {measured}")
-    if "batch_size" not in given and rate:
-        fits = [b for b in BATCHES if rate * budget / (b * context) >= TARGET_STEPS]
-        batch = max(fits) if fits else min(BATCHES)
-        steps = rate * budget / (batch * context)
+    batch = opts.batch_size
+    if "batch_size" not in given and rate and context:
+        batch, steps = pick_batch(rate * budget, context)
         put("batch_size", batch, f"~{steps:,.0f} steps of {batch * context:,} tokens")
     else:
         put("batch_size", batch)
-    if rate:
+    if rate and context:
         steps = rate * budget / (batch * context)
         put("eval_every", max(10, int(steps / EVALS_PER_RUN)), f"~{EVALS_PER_RUN} evaluations")
     return RecipeChoice(settings, model, reasons, speeds)
