@@ -12,7 +12,10 @@ logits into numpy every step.
 
 llama.cpp keeps its defaults otherwise — f16 KV cache, flash attention as its `auto` decides —
 and runs `threads` threads (default: all cores) for decode and prefill alike, in a process of
-its own (`run_worker`). Timing follows the inference benchmark's `decode_rate` (time for 1 + N
+its own (`run_worker`). Where llama.cpp's extra CPU buffer types (its AMX/repacked weight
+layouts) crash the process — seen with q8_0 at batch 8 on an AMX Xeon with llama-cpp-python
+0.3.36 — that file is measured again without them (`use_extra_bufts = False`, llama.cpp's own
+`--no-extra-bufts`), and its rows say so. Timing follows the inference benchmark's `decode_rate` (time for 1 + N
 tokens minus time for 1; median and best of the repeats).
 """
 
@@ -57,7 +60,14 @@ def matmul_weight_bytes(path: Path) -> int:
 class LlamaCppDecoder:
     """One GGUF model and one llama.cpp context that decodes up to `max_batch` sequences."""
 
-    def __init__(self, path: Path, max_batch: int, seq_len: int, threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        max_batch: int,
+        seq_len: int,
+        threads: int | None = None,
+        extra_bufts: bool = True,
+    ):
         llama_cpp, why = import_llama_cpp()
         if llama_cpp is None:
             raise RuntimeError(why)
@@ -65,6 +75,7 @@ class LlamaCppDecoder:
         lib.llama_backend_init()
         self.threads = threads or os.cpu_count() or 1
         mparams = lib.llama_model_default_params()
+        mparams.use_extra_bufts = extra_bufts
         self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -147,7 +158,13 @@ def _times(fn: Callable[[], object], repeats: int) -> list[float]:
 def worker(spec: dict) -> dict:
     """Run in its own process: greedy tokens and decode timings of one GGUF file."""
     prompts, batches, n = spec["prompts"], spec["batches"], spec["new_tokens"]
-    decoder = LlamaCppDecoder(Path(spec["path"]), max(batches), spec["seq_len"], spec["threads"])
+    decoder = LlamaCppDecoder(
+        Path(spec["path"]),
+        max(batches),
+        spec["seq_len"],
+        spec["threads"],
+        spec.get("extra_bufts", True),
+    )
     try:
         out: dict = {"threads": decoder.threads, "greedy": decoder.generate(prompts, n)}
         for batch in batches:
@@ -173,6 +190,13 @@ def run_worker(spec: dict) -> dict:
         text=True,
         check=False,
     )
+    if proc.returncode < 0 and spec.get("extra_bufts", True):  # killed by a signal: a crash
+        print(
+            f"llama.cpp crashed on {spec['path']} (signal {-proc.returncode}); "
+            "again without its extra buffer types",
+            flush=True,
+        )
+        return {**run_worker({**spec, "extra_bufts": False}), "extra_bufts_crashed": True}
     if proc.returncode != 0:
         raise RuntimeError(f"llama.cpp worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -223,6 +247,7 @@ def llama_cpp_results(
                     "gguf_dtype": dtype,
                     "batch": batch,
                     "threads": measured["threads"],
+                    "extra_buffer_types": not measured.get("extra_bufts_crashed", False),
                     "bandwidth_floor": floor,
                     "llama_cpp": rate,
                     "fraction_of_bandwidth_floor": round(

@@ -127,7 +127,8 @@ def test_modern_presets_combine_the_options_at_the_small_sizes():
     sizes = {"gpt-modern-nano": "gpt-nano", "gpt-modern-micro": "gpt-micro"}
     for name in MODERN:
         c = ModelConfig.from_preset(name)
-        assert (c.pos_embedding, c.norm, c.ffn) == ("rope", "rmsnorm_noparam", "relu2")
+        # What paid in benchmarks/speedrun.py's ablation rows (config.GPT_MODERN says which).
+        assert (c.pos_embedding, c.norm, c.ffn) == ("rope", "layernorm", "gelu")
         assert c.qk_norm and c.zero_init_proj and not c.tie_embeddings
         assert c.logit_softcap == 15.0 and not c.bias and not c.qkv_bias
         classic = ModelConfig.from_preset(sizes.get(name, "gpt2-small"))
@@ -142,7 +143,8 @@ def test_each_modern_preset_trains_on_bytes(name):
     model = GPTModel(ModelConfig.from_preset(name, vocab_size=tok.vocab_size))
     ids = torch.tensor(tok.encode("to be or not to be, that is the question. " * 2))
     x, y = ids[None, :32], ids[None, 1:33]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # gpt2-small-sized rates (GPT-2 used 6e-4): at 3e-3 the 768-wide preset overshoots.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(4):
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -197,8 +199,8 @@ def test_modern_checkpoint_and_config_json_round_trip(tmp_path):
     back = ModelConfig.from_json(tmp_path / "c.json")
     assert back == config
     assert (back.norm, back.ffn, back.logit_softcap, back.zero_init_proj) == (
-        "rmsnorm_noparam",
-        "relu2",
+        "layernorm",
+        "gelu",
         15.0,
         True,
     )
@@ -231,6 +233,6 @@ def test_hub_export_refuses_the_modern_options(kw, what):
 
 
 def test_hub_export_refuses_the_modern_presets_and_keeps_zero_init():
-    with pytest.raises(InputError, match="relu2.*rmsnorm_noparam.*logit_softcap"):
+    with pytest.raises(InputError, match="logit_softcap"):
         export_spec(ModelConfig.from_preset("gpt-modern-nano"), "model")
     assert export_spec(tiny(zero_init_proj=True), "model").family == "gpt2"  # only the init

@@ -60,7 +60,7 @@ def test_the_recipe_sets_muon_wsd_and_writes_its_model(tmp_path, monkeypatch):
     assert new.dtype == "float32"
     model = json.loads((tmp_path / "run" / "recipe-model.json").read_text())
     assert new.model == str(tmp_path / "run" / "recipe-model.json")
-    assert model["ffn"] == "relu2" and model["pos_embedding"] == "rope"
+    assert model["pos_embedding"] == "rope" and model["qk_norm"]  # config.GPT_MODERN's
     assert any("model" in line and "tokens/s" in line for line in choice.reasons)
     new.validate()
 
