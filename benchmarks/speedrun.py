@@ -387,6 +387,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the issue: 2)")
     parser.add_argument("--work", default=None, help="run folders (default: a temporary one)")
     parser.add_argument("--out", default=None, help="JSON path (default results/speedrun.json)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the parts not run this time from the JSON already at --out (each part records "
+        "its own date and machine)",
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -397,11 +403,16 @@ def main() -> None:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         result: dict[str, Any] = {"threads": args.threads, "quick": args.quick, "cpu": _cpu()}
+        out = Path(args.out) if args.out else RESULTS / "speedrun.json"
+        if args.update and out.exists():
+            kept = json.loads(out.read_text())
+            result.update({p: kept[p] for p in ("shakespeare", "gutenberg") if p in kept})
+        stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": result["cpu"]}
         if args.part in ("shakespeare", "all"):
-            result["shakespeare"] = shakespeare(work, args.quick, not args.skip_ablations)
+            part = shakespeare(work, args.quick, not args.skip_ablations)
+            result["shakespeare"] = {**part, **stamp}
         if args.part in ("gutenberg", "all"):
-            result["gutenberg"] = gutenberg(work, args.quick)
-    out = Path(args.out) if args.out else RESULTS / "speedrun.json"
+            result["gutenberg"] = {**gutenberg(work, args.quick), **stamp}
     png = out.with_suffix(".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     _plot(result, png)

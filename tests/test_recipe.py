@@ -23,7 +23,7 @@ def _speeds(rate: float) -> dict[str, float]:
 
 
 def _fixed(rate: float):
-    def measure(vocab_size, context, batch, device, dtype, budget):
+    def measure(vocab_size, context, batch, device, dtype, budget, shapes=SHAPES):
         return _speeds(rate)
 
     return measure
@@ -120,13 +120,31 @@ def test_each_size_has_its_context_and_a_given_context_wins(tmp_path):
     )
     seen = []
 
-    def measure(vocab_size, context, batch_tokens, device, dtype, budget):
+    def measure(vocab_size, context, batch_tokens, device, dtype, budget, shapes=SHAPES):
         seen.append((context, batch_tokens))
         return _speeds(20_000.0)
 
     new, _ = apply_recipe(opts, 257, CPU, explicit={"context_length"}, measure=measure)
-    assert seen == [(48, recipe.CALIBRATION_TOKENS)]
+    assert seen[0] == (48, recipe.CALIBRATION_TOKENS)  # then the batch picked is timed
+    assert all(context == 48 for context, _ in seen)
     assert json.loads(Path(new.model).read_text())["context_length"] == 48
+
+
+def test_a_step_that_is_slower_per_token_is_stepped_down():
+    # 60 s at 100k tokens/s calibrated: 6M tokens, so 24,576 a step (244 steps) is picked first;
+    # timed, the larger steps run at a third of the speed, 3,072 and below at the full speed.
+    def rate_at(step_tokens):
+        return 100_000.0 if step_tokens <= 3072 else 33_000.0
+
+    batch, rate = recipe.fit_batch(100_000.0, 60.0, 64, rate_at)
+    assert (batch * 64, rate) == (3072, 100_000.0)
+    # Without the slowdown the largest step that keeps TARGET_STEPS stands.
+    batch, rate = recipe.fit_batch(100_000.0, 60.0, 64, lambda step: 100_000.0)
+    assert batch * 64 == 24576 and 100_000.0 * 60 / (batch * 64) >= recipe.TARGET_STEPS
+    # A step that keeps its speed but is timed too slow for TARGET_STEPS steps down too.
+    batch, _ = recipe.fit_batch(100_000.0, 60.0, 64, lambda step: 81_000.0)
+    steps_at_largest = 81_000.0 * 60 / 24576
+    assert steps_at_largest < recipe.TARGET_STEPS and batch * 64 == 24576 // 2
 
 
 @pytest.mark.parametrize("native, dtype", [(True, "bfloat16"), (False, "float32")])

@@ -163,9 +163,8 @@ class MuonAdamW(torch.optim.Optimizer):
             ortho = newton_schulz(wide, group["ns_steps"], self.ns_dtype)
             for j, i in enumerate(members):
                 rows, cols = plain[i].shape
-                updates[i] = (ortho[j].mT if rows > cols else ortho[j]) * max(
-                    1.0, rows / cols
-                ) ** 0.5
+                scale = max(1.0, rows / cols) ** 0.5
+                updates[i] = (ortho[j].mT if rows > cols else ortho[j]) * scale
         if wd:
             torch._foreach_mul_(plain, 1 - lr * wd)
         torch._foreach_add_(plain, [updates[i] for i in range(len(plain))], alpha=-lr)

@@ -1,10 +1,11 @@
 """`pretrain --recipe speedrun --time-budget T`: the best known settings for a budget and a machine.
 
 A new user should not have to tune. The speedrun recipe takes the modern architecture of the
-`gpt-modern-*` presets (RoPE, parameter-free RMSNorm, ReLU², QK-norm, zero-initialised
-projections, an untied head, soft-capped logits), Muon for the hidden matrices with AdamW for the
-rest, and a warmup–stable–decay schedule that decays to zero over the end of the budget
-(modded-nanogpt, nanochat). What it decides per run is the model size: a short calibration
+`gpt-modern-*` presets (`config.GPT_MODERN`: RoPE, QK-norm, zero-initialised projections, an
+untied head, soft-capped logits; GELU and LayerNorm, which beat ReLU² and parameter-free RMSNorm
+in the benchmark's ablation rows), Muon for the hidden matrices with AdamW for the rest, and a
+warmup–stable–decay schedule that decays to zero over the end of the budget (modded-nanogpt,
+nanochat). What it decides per run is the model size: a short calibration
 (about a second per candidate) measures this machine's training tokens/s for each candidate
 shape, and the largest shape that still sees `TOKENS_PER_PARAM` tokens per non-embedding
 parameter within the budget wins — a bigger model that sees too little data loses to a smaller
@@ -49,6 +50,7 @@ TOKENS_PER_PARAM = 20.0  # training tokens per non-embedding parameter the chose
 BATCH_TOKENS = (768, 1536, 3072, 6144, 12288, 24576)
 TARGET_STEPS = 200
 CALIBRATION_TOKENS = 1536  # tokens per step of the speed calibration
+MAX_SLOWDOWN = 0.2  # a larger step may lose this share of the calibrated tokens/s, no more
 MUON_LR = 0.03
 ADAMW_LR = 6e-3  # embeddings, head and norms, beside Muon
 ADAMW_ONLY_LR = 2e-3  # every weight, with --optimizer adamw
@@ -67,7 +69,7 @@ class Shape:
     context: int  # tokens of context the recipe trains this size with
 
     def non_embedding_params(self) -> int:
-        # Attention 4·d², ReLU² feed-forward 8·d² per block (no biases, parameter-free norms).
+        # Attention 4·d², a 4x-wide feed-forward 8·d² per block (no biases; norms are negligible).
         return 12 * self.n_layers * self.emb_dim**2
 
     @property
@@ -221,6 +223,32 @@ def pick_batch(tokens: float, context: int) -> tuple[int, float]:
     return batch, tokens / (batch * context)
 
 
+def fit_batch(
+    rate: float,
+    budget: float,
+    context: int,
+    rate_at: Callable[[int], float | None],
+) -> tuple[int, float]:
+    """(sequences per step, tokens/s at that step) for a shape calibrated at `rate` tokens/s.
+
+    `pick_batch` assumes the calibrated speed; a larger step can be much slower per token (a
+    4096-id vocabulary's logits at 24,576 tokens a step left the cache: a third of the
+    calibrated speed on 2 cores). So the step picked is timed (`rate_at`), and the recipe steps
+    down while it loses more than `MAX_SLOWDOWN` of the calibrated speed or no longer gives
+    `TARGET_STEPS` steps."""
+    batch, _ = pick_batch(rate * budget, context)
+    while batch * context > CALIBRATION_TOKENS:
+        measured = rate_at(batch * context)
+        fast = measured is not None and measured >= (1 - MAX_SLOWDOWN) * rate
+        if fast and measured * budget / (batch * context) >= TARGET_STEPS:
+            return batch, measured
+        smaller = [b for b in BATCH_TOKENS if b < batch * context]
+        if not smaller:
+            break
+        batch = max(1, max(smaller) // context)
+    return batch, rate
+
+
 def explicit_settings(opts: Any) -> set[str]:
     """The settings of `opts` that differ from their defaults (the library's "given")."""
     default = type(opts)()
@@ -272,7 +300,7 @@ def speedrun(
     speeds: dict[str, float] = {}
     if "model" in given:
         reasons.append(f"model: yours ({opts.model}); no size calibration")
-        rate, context = None, opts.context_length
+        rate, context, shape = None, opts.context_length, None
     else:
         speeds = measure(vocab_size, opts.context_length, CALIBRATION_TOKENS, device, dtype, budget)
         shape, why = choose_shape(budget, speeds)
@@ -282,8 +310,14 @@ def speedrun(
         measured = ", ".join(f"{k} {v:,.0f}" for k, v in speeds.items())
         reasons.append(f"model {shape.label} (context {context}): {why}; tokens/s {measured}")
     batch = opts.batch_size
-    if "batch_size" not in given and rate and context:
-        batch, steps = pick_batch(rate * budget, context)
+    if "batch_size" not in given and rate and context and shape is not None:
+
+        def rate_at(step_tokens: int) -> float | None:
+            sizes = measure(vocab_size, context, step_tokens, device, dtype, budget, (shape,))
+            return sizes.get(shape.label)
+
+        batch, rate = fit_batch(rate, budget, context, rate_at)
+        steps = rate * budget / (batch * context)
         put("batch_size", batch, f"~{steps:,.0f} steps of {batch * context:,} tokens")
     else:
         put("batch_size", batch)
