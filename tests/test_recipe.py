@@ -132,7 +132,8 @@ def test_each_size_has_its_context_and_a_given_context_wins(tmp_path):
 
 def test_a_step_that_is_slower_per_token_is_stepped_down():
     # 60 s at 100k tokens/s calibrated: 6M tokens, so 24,576 a step (244 steps) is picked first;
-    # timed, the larger steps run at a third of the speed, 3,072 and below at the full speed.
+    # timed (a made-up machine), the larger steps run at a third of the speed, 3,072 and below
+    # at the full speed.
     def rate_at(step_tokens):
         return 100_000.0 if step_tokens <= 3072 else 33_000.0
 

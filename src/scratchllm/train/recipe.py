@@ -79,7 +79,8 @@ class Shape:
 
 # Smallest first: the choice walks up while the budget feeds the larger one enough tokens. The
 # context grows with the size: at 4x128 on Tiny Shakespeare (bytes), context 64 and 128 both
-# ended at 2.37 bpb after 66 s where 256 ended at 2.45, and at 22 s 64 beat 128 by 0.1 bpb.
+# ended at 2.37 bpb after 66 s where 256 ended at 2.45, and at 22 s 64 (1,536 tokens a step)
+# beat 128 (2,048) by 0.1 bpb.
 SHAPES: tuple[Shape, ...] = (
     Shape(4, 128, 4, 64),
     Shape(4, 192, 6, 128),
@@ -231,11 +232,11 @@ def fit_batch(
 ) -> tuple[int, float]:
     """(sequences per step, tokens/s at that step) for a shape calibrated at `rate` tokens/s.
 
-    `pick_batch` assumes the calibrated speed; a larger step can be much slower per token (a
-    4096-id vocabulary's logits at 24,576 tokens a step left the cache: a third of the
-    calibrated speed on 2 cores). So the step picked is timed (`rate_at`), and the recipe steps
-    down while it loses more than `MAX_SLOWDOWN` of the calibrated speed or no longer gives
-    `TARGET_STEPS` steps."""
+    `pick_batch` assumes the calibrated speed; a larger step can be slower per token (with a
+    4096-id vocabulary, 24,576 tokens a step trained at 8.1k tokens/s against 10.2k calibrated
+    on 2 cores: 199 steps where 248 were planned). So the step picked is timed (`rate_at`), and
+    the recipe steps down while it loses more than `MAX_SLOWDOWN` of the calibrated speed or no
+    longer gives `TARGET_STEPS` steps."""
     batch, _ = pick_batch(rate * budget, context)
     while batch * context > CALIBRATION_TOKENS:
         measured = rate_at(batch * context)
