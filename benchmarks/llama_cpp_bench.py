@@ -15,8 +15,8 @@ and runs `threads` threads (default: all cores) for decode and prefill alike, in
 its own (`run_worker`). Where llama.cpp's extra CPU buffer types (its AMX/repacked weight
 layouts) crash the process — seen with q8_0 at batch 8 on an AMX Xeon with llama-cpp-python
 0.3.36 — that file is measured again without them (`use_extra_bufts = False`, llama.cpp's own
-`--no-extra-bufts`), and its rows say so. Timing follows the inference benchmark's `decode_rate` (time for 1 + N
-tokens minus time for 1; median and best of the repeats).
+`--no-extra-bufts`), and its rows say so. Timing follows the inference benchmark's
+`decode_rate` (time for 1 + N tokens minus time for 1; median and best of the repeats).
 """
 
 from __future__ import annotations

@@ -299,14 +299,14 @@ _QWEN3: dict[str, Any] = dict(
 )
 
 # scratchllm's modern small-model architecture: the options of modded-nanogpt and nanochat that
-# paid in benchmarks/speedrun.py (Tiny Shakespeare, bytes, 4x128, 63 s on 2 cores; each row one
-# option changed, single runs, 0.01 bpb counted as noise). RoPE (learned positions: +0.08 bpb)
-# and QK-norm (without: +0.05) are on. ReLU² and parameter-free RMSNorm are off: GELU was 0.04
-# bpb better and LayerNorm 0.02. The untied head and logits soft-capped at 15 were within noise
-# there and stay on for stability: without them a tied head's logits start at the embedding's
-# scale, and gpt-modern-micro diverged in 4 steps at lr 3e-3 (tests/test_model_modern.py).
-# Zero-initialised output projections: on (the benchmark's row says what they give). No
-# biases, no dropout.
+# paid in benchmarks/speedrun.py (Tiny Shakespeare, bytes, 4x128, 61 s on 2 cores; each row one
+# option changed, single runs, 0.01 bpb counted as noise; docs/training.md has the table). On:
+# RoPE (learned positions: +0.07 bpb) and QK-norm (without: +0.02). Off: ReLU² (+0.03 against
+# GELU) and parameter-free RMSNorm (+0.01 against LayerNorm). Within noise and kept: the untied
+# head and logits soft-capped at 15 (without them gpt-modern-micro diverged in 4 steps at lr
+# 3e-3 in the presets' training check: a tied head's logits start at the embedding's scale)
+# and zero-initialised output projections (each block starts as the identity). No biases, no
+# dropout.
 GPT_MODERN: dict[str, Any] = dict(
     pos_embedding="rope",
     norm="layernorm",

@@ -60,8 +60,7 @@ def muon_update(
     """
     momentum.lerp_(grad, 1 - beta)
     u = _full(torch.lerp(grad, momentum, beta) if nesterov else momentum)
-    rows, cols = u.size(-2), u.size(-1)
-    return newton_schulz(u, ns_steps, ns_dtype) * max(1.0, rows / cols) ** 0.5
+    return newton_schulz(u, ns_steps, ns_dtype) * _shape_scale(u)
 
 
 def muon_ns_dtype(device: torch.device) -> torch.dtype:
@@ -162,9 +161,9 @@ class MuonAdamW(torch.optim.Optimizer):
             wide = torch.stack([_wide(looks[i]) for i in members])
             ortho = newton_schulz(wide, group["ns_steps"], self.ns_dtype)
             for j, i in enumerate(members):
-                rows, cols = plain[i].shape
-                scale = max(1.0, rows / cols) ** 0.5
-                updates[i] = (ortho[j].mT if rows > cols else ortho[j]) * scale
+                u = looks[i]
+                tall = u.size(-2) > u.size(-1)
+                updates[i] = (ortho[j].mT if tall else ortho[j]) * _shape_scale(u)
         if wd:
             torch._foreach_mul_(plain, 1 - lr * wd)
         torch._foreach_add_(plain, [updates[i] for i in range(len(plain))], alpha=-lr)
@@ -195,6 +194,11 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / (1 - beta1**t) for t in steps])
+
+
+def _shape_scale(u: torch.Tensor) -> float:
+    """Muon's step scale for a (rows, cols) matrix: max(1, rows/cols)^½."""
+    return max(1.0, u.size(-2) / u.size(-1)) ** 0.5
 
 
 def _wide(u: torch.Tensor) -> torch.Tensor:
