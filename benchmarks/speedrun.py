@@ -77,7 +77,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     ),
     "relu2": ("ReLU² instead of GELU", {"ffn": "relu2"}, {}),
     "rmsnorm": ("parameter-free RMSNorm instead of LayerNorm", {"norm": "rmsnorm_noparam"}, {}),
-    "no_softcap": ("no logit soft-cap", {"logit_softcap": None}, {}),
+    "softcap": ("logits soft-capped at 15", {"logit_softcap": 15.0}, {}),
     "tied_head": ("tied head instead of untied", {"tie_embeddings": True}, {}),
 }
 # Validation tokens each evaluation scores (the training split is scored on as many): all of

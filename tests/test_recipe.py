@@ -103,11 +103,23 @@ def test_the_batch_is_the_largest_that_keeps_enough_steps(rate, tmp_path):
     assert context == SHAPES[0].context  # the smallest shape at these speeds, with its context
     tokens = rate * 60.0
     step = new.batch_size * context
-    assert step in recipe.BATCH_TOKENS
+    cap = recipe.CPU_MAX_BATCH_TOKENS  # on a CPU a larger step only costs steps
+    assert step in recipe.BATCH_TOKENS and step <= cap
     if tokens / step < recipe.TARGET_STEPS:  # too short a budget for any: the smallest step
         assert step == min(recipe.BATCH_TOKENS)
-    bigger = [b for b in recipe.BATCH_TOKENS if b > step]
+    bigger = [b for b in recipe.BATCH_TOKENS if step < b <= cap]
     assert not bigger or tokens / bigger[0] < recipe.TARGET_STEPS
+
+
+def test_the_cpu_cap_bounds_the_step_and_nothing_else():
+    many = 1e9  # tokens: every step size keeps TARGET_STEPS
+    assert recipe.pick_batch(many, 64)[0] * 64 == max(recipe.BATCH_TOKENS)  # no cap (a GPU)
+    assert recipe.pick_batch(many, 64, recipe.CPU_MAX_BATCH_TOKENS)[0] * 64 == 3072
+    assert recipe.pick_batch(many, 256, 3072)[0] == 12
+    few = 200 * 1536.0  # exactly TARGET_STEPS steps of 1,536: the cap changes nothing
+    assert recipe.pick_batch(few, 64, 3072) == recipe.pick_batch(few, 64)
+    batch, _ = recipe.fit_batch(1e9 / 60, 60.0, 64, lambda step: 1e9 / 60, max_tokens=3072)
+    assert batch * 64 == 3072
 
 
 def test_each_size_has_its_context_and_a_given_context_wins(tmp_path):
@@ -115,6 +127,17 @@ def test_each_size_has_its_context_and_a_given_context_wins(tmp_path):
     model = recipe.speedrun_model(SHAPES[2])
     assert model["context_length"] == SHAPES[2].context
     assert recipe.speedrun_model(SHAPES[2], 96)["context_length"] == 96
+    # A subword token is ~4 bytes: the same span of text is four times fewer tokens.
+    assert [SHAPES[0].context_for(v) for v in (257, 4096)] == [64, 256]
+    assert SHAPES[-1].context_for(50257) == recipe.MAX_SUBWORD_CONTEXT
+    bpe, _ = apply_recipe(
+        PretrainOptions(out=str(tmp_path / "bpe"), time_budget=60.0, recipe="speedrun"),
+        4096,
+        CPU,
+        explicit=set(),
+        measure=_fixed(20_000),
+    )
+    assert json.loads(Path(bpe.model).read_text())["context_length"] == 256
     opts = PretrainOptions(
         out=str(tmp_path / "run"), time_budget=60.0, recipe="speedrun", context_length=48
     )

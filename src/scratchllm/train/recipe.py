@@ -49,6 +49,14 @@ TOKENS_PER_PARAM = 20.0  # training tokens per non-embedding parameter the chose
 # beat 1,536 (~700). Muon's per-step Newton–Schulz cost is what small steps waste.
 BATCH_TOKENS = (768, 1536, 3072, 6144, 12288, 24576)
 TARGET_STEPS = 200
+# On a CPU a larger step is no faster per token (a 2-core step is already one long stream of
+# matmuls), so it only costs steps: on the Gutenberg novels (4096-id BPE, 4x128, context 256,
+# 180 s), 3,072 tokens a step (568 steps) reached 1.846 bpb where 6,144 (264 steps, context 64)
+# reached 1.903 and 3,072 at context 64 1.864; 1,536 (1,197 steps) 1.835, within noise. A GPU
+# fills its cores with a larger step, so there the cap does not apply.
+CPU_MAX_BATCH_TOKENS = 3072
+BYTE_VOCAB_LIMIT = 512  # a vocabulary this small is bytes (256) plus a few special tokens
+MAX_SUBWORD_CONTEXT = 1024
 CALIBRATION_TOKENS = 1536  # tokens per step of the speed calibration
 MAX_SLOWDOWN = 0.2  # a larger step may lose this share of the calibrated tokens/s, no more
 MUON_LR = 0.03
@@ -66,7 +74,15 @@ class Shape:
     n_layers: int
     emb_dim: int
     n_heads: int
-    context: int  # tokens of context the recipe trains this size with
+    context: int  # tokens of context the recipe trains this size with, for a byte tokenizer
+
+    def context_for(self, vocab_size: int) -> int:
+        """The context for a tokenizer of `vocab_size` ids: `context` for bytes, and for a
+        subword vocabulary (whose token is ~4 bytes of English) four times that, so that the
+        model sees about the same span of text (at most `MAX_SUBWORD_CONTEXT`)."""
+        if vocab_size <= BYTE_VOCAB_LIMIT:
+            return self.context
+        return max(self.context, min(4 * self.context, MAX_SUBWORD_CONTEXT))
 
     def non_embedding_params(self) -> int:
         # Attention 4·d², a 4x-wide feed-forward 8·d² per block (no biases; norms are negligible).
@@ -80,7 +96,9 @@ class Shape:
 # Smallest first: the choice walks up while the budget feeds the larger one enough tokens. The
 # context grows with the size: at 4x128 on Tiny Shakespeare (bytes), context 64 and 128 both
 # ended at 2.37 bpb after 66 s where 256 ended at 2.45, and at 22 s 64 (1,536 tokens a step)
-# beat 128 (2,048) by 0.1 bpb.
+# beat 128 (2,048) by 0.1 bpb. With a subword tokenizer the same size wants the same span of
+# text, four times the tokens (`Shape.context_for`): on the Gutenberg novels (4096-id BPE,
+# 4x128, 3,072 tokens a step, 180 s) context 256 reached 1.846 bpb, 64 1.864 and 512 1.878.
 SHAPES: tuple[Shape, ...] = (
     Shape(4, 128, 4, 64),
     Shape(4, 192, 6, 128),
@@ -165,7 +183,7 @@ def measure_speeds(
     still, so measuring them would only cost time."""
     speeds: dict[str, float] = {}
     for shape in shapes:
-        context = context_length or shape.context
+        context = context_length or shape.context_for(vocab_size)
         batch = max(1, batch_tokens // context)
         rate = _tokens_per_s(shape, vocab_size, context, batch, device, dtype, seconds)
         speeds[shape.label] = rate
@@ -216,10 +234,12 @@ def _tokens_per_s(
     return steps * x.numel() / (time.perf_counter() - start)
 
 
-def pick_batch(tokens: float, context: int) -> tuple[int, float]:
+def pick_batch(tokens: float, context: int, max_tokens: int | None = None) -> tuple[int, float]:
     """(sequences per step, steps) for a run that sees about `tokens` tokens at `context`: the
-    largest of `BATCH_TOKENS` that still gives `TARGET_STEPS` steps (the smallest when none)."""
-    fits = [b for b in BATCH_TOKENS if tokens / b >= TARGET_STEPS]
+    largest of `BATCH_TOKENS` (up to `max_tokens`) that still gives `TARGET_STEPS` steps (the
+    smallest when none)."""
+    sizes = [b for b in BATCH_TOKENS if max_tokens is None or b <= max_tokens] or BATCH_TOKENS[:1]
+    fits = [b for b in sizes if tokens / b >= TARGET_STEPS]
     batch = max(1, (max(fits) if fits else BATCH_TOKENS[0]) // context)
     return batch, tokens / (batch * context)
 
@@ -229,6 +249,7 @@ def fit_batch(
     budget: float,
     context: int,
     rate_at: Callable[[int], float | None],
+    max_tokens: int | None = None,
 ) -> tuple[int, float]:
     """(sequences per step, tokens/s at that step) for a shape calibrated at `rate` tokens/s.
 
@@ -236,8 +257,8 @@ def fit_batch(
     4096-id vocabulary, 24,576 tokens a step trained at 8.1k tokens/s against 10.2k calibrated
     on 2 cores: 199 steps where 248 were planned). So the step picked is timed (`rate_at`), and
     the recipe steps down while it loses more than `MAX_SLOWDOWN` of the calibrated speed or no
-    longer gives `TARGET_STEPS` steps."""
-    batch, _ = pick_batch(rate * budget, context)
+    longer gives `TARGET_STEPS` steps. `max_tokens`: the largest step allowed."""
+    batch, _ = pick_batch(rate * budget, context, max_tokens)
     while batch * context > CALIBRATION_TOKENS:
         measured = rate_at(batch * context)
         fast = measured is not None and measured >= (1 - MAX_SLOWDOWN) * rate
@@ -306,7 +327,7 @@ def speedrun(
         speeds = measure(vocab_size, opts.context_length, CALIBRATION_TOKENS, device, dtype, budget)
         shape, why = choose_shape(budget, speeds)
         rate = speeds.get(shape.label)
-        model = speedrun_model(shape, opts.context_length)
+        model = speedrun_model(shape, opts.context_length or shape.context_for(vocab_size))
         context = model["context_length"]
         measured = ", ".join(f"{k} {v:,.0f}" for k, v in speeds.items())
         reasons.append(f"model {shape.label} (context {context}): {why}; tokens/s {measured}")
@@ -317,7 +338,8 @@ def speedrun(
             sizes = measure(vocab_size, context, step_tokens, device, dtype, budget, (shape,))
             return sizes.get(shape.label)
 
-        batch, rate = fit_batch(rate, budget, context, rate_at)
+        cap = CPU_MAX_BATCH_TOKENS if device.type == "cpu" else None
+        batch, rate = fit_batch(rate, budget, context, rate_at, cap)
         steps = rate * budget / (batch * context)
         put("batch_size", batch, f"~{steps:,.0f} steps of {batch * context:,} tokens")
     else:
