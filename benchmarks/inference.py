@@ -277,6 +277,7 @@ def trained_agreement(checkpoint: str, args) -> dict:
     agreement a measure of rounding, not of what a user would see."""
     from scratchllm.checkpoint import load_checkpoint
     from scratchllm.inference.engine import Engine
+    from scratchllm.inference.weights import quantize_int8
 
     ref = load_checkpoint(checkpoint, "cpu", torch.float32, pack=True)
     tok, n_prompts = ref.tokenizer, 16
@@ -285,8 +286,12 @@ def trained_agreement(checkpoint: str, args) -> dict:
     rows = [ids[i * stride : i * stride + args.prompt_len] for i in range(n_prompts)]
     want = greedy_tokens(Engine(ref.model.eval(), tok, max_batch=n_prompts), rows, args.new_tokens)
     out: dict = {"checkpoint": str(checkpoint), "prompts": n_prompts, "text": "the-verdict.txt"}
-    for fmt in ("fp16", "int8"):
-        model = load_checkpoint(checkpoint, "cpu", torch.float32, quantize=fmt).model.eval()
+    for fmt in ("fp16", "int8", "int8_weight_only"):
+        if fmt == "int8_weight_only":  # the int8 format before W8A8, for comparison
+            model = load_checkpoint(checkpoint, "cpu", torch.float32).model.eval()
+            quantize_int8(model, activations="weight")
+        else:
+            model = load_checkpoint(checkpoint, "cpu", torch.float32, quantize=fmt).model.eval()
         got = greedy_tokens(Engine(model, tok, max_batch=n_prompts), rows, args.new_tokens)
         forced = teacher_forced_agreement(model, rows, want)
         out[fmt] = {**agreement(want, got), "teacher_forced_top1": forced}

@@ -16,6 +16,7 @@ from scratchllm.inference.weights import (
     Int8Linear,
     PackedLinear,
     check_quantize,
+    dynamic_int8_available,
     gemv_splits,
     has_onednn,
     linear_weight_bytes,
@@ -23,6 +24,7 @@ from scratchllm.inference.weights import (
     quantize_fp16,
     quantize_int8,
     quantize_weight,
+    reduce_activation_range,
 )
 from scratchllm.model.lora import LoRALinear, apply_lora, has_lora
 
@@ -63,11 +65,81 @@ def error_bound(x: torch.Tensor, layer: nn.Linear, q: Int8Linear) -> torch.Tenso
     return per_step + act_rounding + 2.0**-8 * y.abs() + 1e-6
 
 
+def dynamic_error_bound(x: torch.Tensor, layer: nn.Linear, q: Int8Linear) -> torch.Tensor:
+    """Worst-case |W8A8 output − float output| per element.
+
+    Σ xq·wq − x·w = Σ (xq − x)·wq + Σ x·(wq − w): each activation is off by at most half a step
+    of its row's grid (absmax/127 with 7-bit activations, absmax/255 with 8), each weight by
+    half its row's scale."""
+    w = layer.weight.detach()
+    scales = q.scales.float()
+    half_act = x.abs().amax(-1, keepdim=True) / (127 if reduce_activation_range() else 255)
+    act = half_act * q.dequantized_weight().abs().sum(1) * 1.01
+    weight = x.abs().sum(-1, keepdim=True) * scales / 2
+    y = nn.functional.linear(x, w, layer.bias)
+    return act + weight + 1e-5 * y.abs() + 1e-5
+
+
+needs_w8a8 = pytest.mark.skipif(
+    not dynamic_int8_available(), reason="this torch build has no fbgemm dynamic int8 linear"
+)
+
+
+@needs_w8a8
+def test_w8a8_linear_is_within_its_bound_and_rounds_each_row_alone():
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 384)
+    q = Int8Linear.from_linear(layer)  # activations="dynamic": W8A8 where fbgemm has it
+    # Rows of very different scales: one grid for the batch would round the small rows coarsely.
+    x = torch.randn(3, 5, 256) * torch.logspace(-2, 1, 5)[None, :, None]
+    with torch.no_grad():
+        ref, out = layer(x), q(x)
+        alone = torch.cat([q(row[None]) for row in x.reshape(-1, 256)])
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert ((out - ref).abs() <= dynamic_error_bound(x, layer, q)).all()
+    rel = (out - ref).pow(2).mean(-1).sqrt() / ref.pow(2).mean(-1).sqrt()
+    assert float(rel.max()) < 0.03  # every row, the small ones too
+    # Each row is rounded on its own grid: alone or in a batch, the same output.
+    torch.testing.assert_close(alone, out.reshape(-1, 384), rtol=1e-6, atol=1e-6)
+    # And not on the weight-only kernel: the activations' rounding shows.
+    weight_only = Int8Linear.from_linear(layer, activations="weight")
+    with torch.no_grad():
+        assert not torch.allclose(weight_only(x.bfloat16()).float(), out, atol=1e-4)
+
+
+@needs_w8a8
+def test_w8a8_repacks_after_an_edit_in_place():
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        before = q(x)
+        q.scales.mul_(2)  # the packed copy is stale now: it must be rebuilt
+        torch.testing.assert_close(q(x), 2 * before)
+
+
+def test_activation_range_follows_vnni(monkeypatch):
+    from scratchllm.inference import weights
+    from scratchllm.train import throughput
+
+    def cpu(*flags):
+        return lambda: throughput.CpuInfo(2, 3.0, frozenset({"avx2", *flags}))
+
+    for flags, reduce in [((), True), (("avx512_vnni",), False), (("avx_vnni",), False)]:
+        monkeypatch.setattr(throughput, "read_cpu_info", cpu(*flags))
+        weights.reduce_activation_range.cache_clear()
+        assert weights.reduce_activation_range() is reduce, flags
+    monkeypatch.setattr(throughput, "read_cpu_info", lambda: None)
+    weights.reduce_activation_range.cache_clear()
+    assert weights.reduce_activation_range() is True  # unknown CPU: the safe 7 bits
+    weights.reduce_activation_range.cache_clear()
+
+
 @pytest.mark.parametrize("in_features", [256, 100])  # 100: not a kernel width, dequantize path
-def test_int8_linear_is_within_the_quantization_bound(in_features):
+def test_int8_weight_only_linear_is_within_the_quantization_bound(in_features):
     torch.manual_seed(0)
     layer = nn.Linear(in_features, 384)
-    q = Int8Linear.from_linear(layer)
+    q = Int8Linear.from_linear(layer, activations="weight")
     assert q.weight_int8.dtype == torch.int8 and q.weight_int8.shape == (384, in_features)
     assert int(q.weight_int8.abs().max()) == 127  # every row uses the full range
     x = torch.randn(3, 5, in_features)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -47,6 +48,7 @@ from scratchllm.errors import InputError
 log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("int8", "fp16")
+INT8_ACTIVATIONS = ("dynamic", "weight")
 # oneDNN picks the packed layout for this many rows; 4 was as fast as 1 at batch 1 and faster at
 # batch 4 and 8 (gpt2-small decode steps, docs/serving.md); larger inputs still run, a bit slower.
 PACK_BATCH_HINT = 4
@@ -77,7 +79,9 @@ class Int8Linear(nn.Module):
     """y = x Wᵀ + b with W stored as int8 plus one scale per output channel.
 
     `weight_int8` (out, in) int8 and `scales` (out,) are buffers (not trained); `bias`, if any,
-    stays floating point. Output dtype = input dtype.
+    stays floating point. Output dtype = input dtype. `activations`: "dynamic" (W8A8, where
+    fbgemm is available: the input is quantized to 8 bits per call) or "weight" (weight-only:
+    the input stays floating point); see the module docstring.
     """
 
     def __init__(
@@ -87,10 +91,15 @@ class Int8Linear(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        activations: str = "dynamic",
     ) -> None:
         super().__init__()
+        if activations not in INT8_ACTIVATIONS:
+            raise ValueError(f"activations must be one of {INT8_ACTIVATIONS}, got {activations!r}")
         self.in_features = in_features
         self.out_features = out_features
+        self.activations = activations
+        self._packed: tuple[tuple, torch.ScriptObject] | None = None  # fbgemm's, not state
         self.register_buffer(
             "weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
@@ -101,11 +110,16 @@ class Int8Linear(nn.Module):
             self.bias = nn.Parameter(zeros, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, activations: str = "dynamic") -> Int8Linear:
         """Quantize a float `nn.Linear` (its weight is copied, never shared)."""
         w = linear.weight
         layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            w.device,
+            w.dtype,
+            activations,
         )
         q, scales = quantize_weight(w)
         with torch.no_grad():
@@ -118,9 +132,52 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
 
+    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        """fbgemm's dynamic int8 linear with one activation scale per row.
+
+        The kernel quantizes its whole input on one grid, from the input's min and max, so one
+        row's rounding would depend on the other rows of the batch (a request's tokens on who
+        else is being served). Each row is divided by its own absmax and a last row [1, -1, 0…]
+        pins the grid to [-1, 1]: every row is rounded on its own scale, whatever the batch, as
+        llama.cpp's q8_0 rounds each block of 32 activations on its own. The output rows are
+        scaled back and the bias is added in fp32."""
+        absmax = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+        rows = torch.cat([x / absmax, self._grid_row(x.shape[1])])
+        y = torch.ops.quantized.linear_dynamic(
+            rows, self._dynamic_params(), reduce_activation_range()
+        )
+        y = y[:-1].mul_(absmax)
+        return y if self.bias is None else y.add_(self.bias.float())
+
+    @staticmethod
+    @functools.lru_cache(maxsize=8)
+    def _grid_row(width: int) -> torch.Tensor:
+        row = torch.zeros(1, width)
+        row[0, :2] = torch.tensor([1.0, -1.0])
+        return row
+
+    def _dynamic_params(self) -> torch.ScriptObject:
+        """The weight packed for fbgemm's W8A8 kernel: built on first use and again whenever
+        the int8 weight or the scales change (a load, an edit in place)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_int8, self.scales))
+        if self._packed is None or self._packed[0] != key:
+            zeros = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():
+                # torch 2.13 marks quantized tensors deprecated; fbgemm's prepack still takes
+                # only them. `dynamic_int8_available` turns this path off once they are gone.
+                warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+                qweight = torch._make_per_channel_quantized_tensor(
+                    self.weight_int8, self.scales.double(), zeros, 0
+                )
+            self._packed = (key, torch.ops.quantized.linear_prepack(qweight, None))
+        return self._packed[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
+        if self.activations == "dynamic" and x.device.type == "cpu" and dynamic_int8_available():
+            y = self._w8a8(x2d.float())
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if x.device.type == "cpu" and self.in_features % _KERNEL_K_MULTIPLE == 0:
             # The kernel wants a contiguous 2-D input and scales in the input's dtype, and it
             # loads input rows with aligned SIMD loads: give it a fresh (aligned) copy if needed.
@@ -139,7 +196,7 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, int8 per-channel"
+            f"bias={self.bias is not None}, int8 per-channel, activations={self.activations}"
         )
 
 
@@ -274,6 +331,32 @@ def quantize_fp16(model: nn.Module, skip: Iterable[str] = ()) -> nn.Module:
     return model
 
 
+@functools.lru_cache(maxsize=1)
+def dynamic_int8_available() -> bool:
+    """Whether fbgemm's dynamic-quantized int8 linear (W8A8) is in this torch (x86 builds, and
+    quantized tensors, which torch has deprecated, still there)."""
+    return (
+        "fbgemm" in torch.backends.quantized.supported_engines
+        and hasattr(torch, "_make_per_channel_quantized_tensor")
+        and hasattr(torch.ops.quantized, "linear_dynamic")
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def reduce_activation_range() -> bool:
+    """Whether to quantize activations to 7 bits rather than 8 for fbgemm's int8 kernel.
+
+    Without VNNI, fbgemm multiplies uint8 activations by int8 weights with AVX2's `vpmaddubsw`,
+    which adds two products into an int16 and saturates when both are near full range; 7-bit
+    activations keep the pair sum in range (PyTorch's own default for x86 dynamic quantization).
+    With AVX512-VNNI or AVX-VNNI the products accumulate in int32 (`vpdpbusd`), so the full 8
+    bits are safe. Unknown CPU (no /proc/cpuinfo flags): the safe 7 bits."""
+    from scratchllm.train.throughput import read_cpu_info
+
+    info = read_cpu_info()
+    return info is None or not ({"avx512_vnni", "avx_vnni"} & info.flags)
+
+
 def _check_cpu_model(model: nn.Module, quantize: str) -> None:
     p = next(model.parameters(), None)
     if p is not None and p.device.type != "cpu":
@@ -346,17 +429,20 @@ def pack_linears(
     return model
 
 
-def quantize_int8(model: nn.Module, skip: Iterable[str] = ()) -> nn.Module:
+def quantize_int8(
+    model: nn.Module, skip: Iterable[str] = (), activations: str = "dynamic"
+) -> nn.Module:
     """Replace (in place) every `nn.Linear` in `model.trf_blocks` and `model.out_head` by an
     `Int8Linear`; returns the model.
 
     `skip`: layer names (or dotted name endings, e.g. "out_head", "ff.fc2") to keep in float.
     A head tied to the token embedding is quantized as its own int8 copy; the embedding stays
     float. LoRA adapters are merged into their base weights first (the merged model decodes the
-    same as the adapted one), so the adapters are gone afterwards.
+    same as the adapted one), so the adapters are gone afterwards. `activations`: "dynamic"
+    (W8A8 where fbgemm has it) or "weight" (weight-only), as `Int8Linear` says.
     """
     _check_cpu_model(model, "int8")
-    count = _replace_linears(model, Int8Linear.from_linear, skip)
+    count = _replace_linears(model, lambda lin: Int8Linear.from_linear(lin, activations), skip)
     log.info(
         "int8: quantized %d block linears%s",
         count,
@@ -412,5 +498,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
         elif isinstance(module, Fp16Linear):
             total += module.in_features * module.out_features * 2
         elif isinstance(module, Int8Linear):
-            total += module.weight_int8.numel() + module.scales.numel() * 2  # bf16 in the kernel
+            # Scales: fp32 in fbgemm's W8A8 kernel, bf16 in the weight-only one.
+            dynamic = module.activations == "dynamic" and dynamic_int8_available()
+            total += module.weight_int8.numel() + module.scales.numel() * (4 if dynamic else 2)
     return total
