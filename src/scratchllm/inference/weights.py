@@ -1,4 +1,4 @@
-"""Weight formats for CPU decoding: packed fp32, fp16 weights and weight-only int8.
+"""Weight formats for CPU decoding: packed fp32, fp16 weights and int8 weights.
 
 A decode step reads every linear weight once to produce one token per sequence, so its speed is
 set by how fast the matmul streams those weights from memory. Three formats speed that up:
@@ -15,20 +15,28 @@ against 10-16 GB/s through `F.linear` (MKL's multi-threaded GEMV).
 **fp16 weights** (`quantize_fp16`, `--quantize fp16`): each linear's weight is stored in IEEE
 half precision (11-bit significand: relative rounding ≤ 2⁻¹¹, 8x finer than bf16) and packed by
 fbgemm, whose AVX2 kernel widens it to fp32 on the fly; activations, accumulation and the output
-stay fp32. Half the bytes of fp32, and on the machine above the fastest CPU decode here (faster
-than int8, whose kernel is compute-bound), with logits within ~0.1% of fp32's.
+stay fp32. Half the bytes of fp32, with logits within ~0.1% of fp32's; on the AVX2 machine
+above it decoded faster than weight-only int8, whose kernel is compute-bound there.
 
-**Weight-only int8** (`quantize_int8`, `--quantize int8`): every `nn.Linear` of the transformer
-blocks and the output head becomes an `Int8Linear`: an int8 weight (out, in) with one symmetric
-scale per output channel (absmax / 127), so a decode step reads a quarter of the fp32 weight
-bytes. Activations stay floating point (weight-only): the embeddings, norms, attention and the
-KV cache are untouched.
+**int8** (`quantize_int8`, `--quantize int8`): every `nn.Linear` of the transformer blocks
+and the output head becomes an `Int8Linear`: an int8 weight (out, in) with one symmetric scale
+per output channel (absmax / 127), so a decode step reads a quarter of the fp32 weight bytes.
+The embeddings, norms, attention and the KV cache are untouched.
 
-The matmul is `torch.ops.aten._weight_int8pack_mm`, which accumulates in fp32. On the AVX2 CPU
-this was measured on, its bfloat16-activation kernel is the fast one: its fp32-activation kernel
-was 6-28x slower and dequantize-then-matmul slower than the fp32 layer it replaces. So fp32
-activations are cast to bf16 for the int8 matmul and the result cast back; the bf16 rounding of
-the activations (~0.1 % rms) is small next to the int8 rounding of the weights (~0.8 % rms of a
+Where PyTorch has fbgemm (x86 builds), the matmul is W8A8, as llama.cpp's q8_0 is: each call
+quantizes its input rows to 8 bits (one scale per row: each row is rounded on its own grid, so a
+request decodes the same whatever else is in the batch) and multiplies int8 × int8 with int32
+accumulation in fbgemm's dynamic linear (`torch.ops.quantized.linear_dynamic`). On the AVX512
+machine of docs/serving.md it streamed gpt2-small's linears 1.6× (batch 1) and 1.8× (batch 8)
+faster than the weight-only kernel below, and a trained model's top-1 token agreed with fp32's
+as often (98.2% against 97.9%). Without VNNI, activations get 7 bits (`reduce_activation_range`).
+
+Elsewhere (`activations="weight"`, or no fbgemm) the int8 weights are used weight-only through
+`torch.ops.aten._weight_int8pack_mm`, which accumulates in fp32. On the AVX2 CPU this was
+measured on, its bfloat16-activation kernel is the fast one: its fp32-activation kernel was 6-28x
+slower and dequantize-then-matmul slower than the fp32 layer it replaces. So fp32 activations
+are cast to bf16 for the int8 matmul and the result cast back; the bf16 rounding of the
+activations (~0.1 % rms) is small next to the int8 rounding of the weights (~0.8 % rms of a
 layer's output). See docs/serving.md for the tolerance and speed measured.
 """
 
@@ -141,13 +149,16 @@ class Int8Linear(nn.Module):
         pins the grid to [-1, 1]: every row is rounded on its own scale, whatever the batch, as
         llama.cpp's q8_0 rounds each block of 32 activations on its own. The output rows are
         scaled back and the bias is added in fp32."""
-        absmax = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+        # Few ops: at batch 1 each costs as much as a small layer's matmul.
+        absmax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+        absmax = absmax.clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero row
         rows = torch.cat([x / absmax, self._grid_row(x.shape[1])])
         y = torch.ops.quantized.linear_dynamic(
             rows, self._dynamic_params(), reduce_activation_range()
-        )
-        y = y[:-1].mul_(absmax)
-        return y if self.bias is None else y.add_(self.bias.float())
+        )[:-1]
+        if self.bias is None:
+            return y.mul_(absmax)
+        return torch.addcmul(self.bias.float(), y, absmax)
 
     @staticmethod
     @functools.lru_cache(maxsize=8)
