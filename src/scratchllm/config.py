@@ -299,16 +299,16 @@ _QWEN3: dict[str, Any] = dict(
 )
 
 # scratchllm's modern small-model architecture: the options of modded-nanogpt and nanochat that
-# paid in benchmarks/speedrun.py (Tiny Shakespeare, bytes, 4x128, 61 s on 2 cores; each row one
+# paid in benchmarks/speedrun.py (Tiny Shakespeare, bytes, 4x128, 76 s on 2 cores; each row one
 # option changed, single runs, 0.01 bpb counted as noise; docs/training.md has the table). On:
-# RoPE (learned positions: +0.07 bpb) and QK-norm (without: +0.02). Off: ReLU² (+0.03 against
-# GELU), parameter-free RMSNorm (+0.01 against LayerNorm) and the logit soft-cap: within noise
-# on bytes, and with a 4096-id BPE its pass over the batch × vocabulary logits cost 17% of the
-# training speed (Gutenberg, 4x128, 180 s: 1.818 bpb without, 1.846 with). Within noise and
-# kept: the untied head (tied and without a soft-cap, gpt-modern-micro diverged in 4 steps at
-# lr 3e-3 in the presets' training check: a tied head's logits start at the embedding's scale)
-# and zero-initialised output projections (each block starts as the identity). No biases, no
-# dropout.
+# RoPE (learned positions: +0.09 bpb), QK-norm (without: +0.03) and the untied head (tied:
+# +0.01). Off: ReLU² (+0.04 against GELU), parameter-free RMSNorm (+0.02 against LayerNorm) and
+# the logit soft-cap (+0.01 with it; with a 4096-id BPE its pass over the batch × vocabulary
+# logits cost 17% of the training speed: Gutenberg, 4x128, 180 s, 1.818 bpb without, 1.846
+# with). Within noise and kept: zero-initialised output projections (each block starts as the
+# identity). A tied head without a soft-cap is risky: gpt-modern-micro diverged in 4 steps at lr
+# 3e-3 in the presets' training check (a tied head's logits start at the embedding's scale). No
+# biases, no dropout.
 GPT_MODERN: dict[str, Any] = dict(
     pos_embedding="rope",
     norm="layernorm",
