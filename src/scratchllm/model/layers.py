@@ -4,8 +4,8 @@ and logit soft-capping."""
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
