@@ -108,6 +108,22 @@ def test_w8a8_linear_is_within_its_bound_and_rounds_each_row_alone():
 
 
 @needs_w8a8
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_w8a8_full_range_products_do_not_saturate(sign):
+    # Every activation at its row's absmax and every weight at ±127: without VNNI, 8-bit
+    # activations would overflow AVX2's int16 pair sums here; the 7 or 8 bits chosen for this
+    # CPU (`reduce_activation_range`) must give the exact sum within the rounding.
+    layer = nn.Linear(256, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(sign)
+    q = Int8Linear.from_linear(layer)
+    x = torch.ones(2, 256)
+    x[1, ::2] = -1.0  # and a row of mixed signs
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), layer(x), rtol=0.01, atol=0.01 * 256)
+
+
+@needs_w8a8
 def test_w8a8_repacks_after_an_edit_in_place():
     torch.manual_seed(0)
     q = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))
@@ -125,7 +141,7 @@ def test_activation_range_follows_vnni(monkeypatch):
     def cpu(*flags):
         return lambda: throughput.CpuInfo(2, 3.0, frozenset({"avx2", *flags}))
 
-    for flags, reduce in [((), True), (("avx512_vnni",), False), (("avx_vnni",), False)]:
+    for flags, reduce in [((), True), (("avx512_vnni",), False), (("avx_vnni",), True)]:
         monkeypatch.setattr(throughput, "read_cpu_info", cpu(*flags))
         weights.reduce_activation_range.cache_clear()
         assert weights.reduce_activation_range() is reduce, flags

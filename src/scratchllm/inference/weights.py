@@ -360,12 +360,15 @@ def reduce_activation_range() -> bool:
     Without VNNI, fbgemm multiplies uint8 activations by int8 weights with AVX2's `vpmaddubsw`,
     which adds two products into an int16 and saturates when both are near full range; 7-bit
     activations keep the pair sum in range (PyTorch's own default for x86 dynamic quantization).
-    With AVX512-VNNI or AVX-VNNI the products accumulate in int32 (`vpdpbusd`), so the full 8
-    bits are safe. Unknown CPU (no /proc/cpuinfo flags): the safe 7 bits."""
+    With AVX512-VNNI, `vpdpbusd` accumulates the products in int32, and full-range activations
+    times full-range weights came out right on the AVX512-VNNI machine of docs/serving.md
+    (tests/test_quantize.py checks it wherever it runs), so 8 bits. AVX-VNNI alone (a client
+    CPU's 256-bit form) is not assumed to be used by fbgemm. Unknown CPU (no /proc/cpuinfo
+    flags): the safe 7 bits."""
     from scratchllm.train.throughput import read_cpu_info
 
     info = read_cpu_info()
-    return info is None or not ({"avx512_vnni", "avx_vnni"} & info.flags)
+    return info is None or "avx512_vnni" not in info.flags
 
 
 def _check_cpu_model(model: nn.Module, quantize: str) -> None:
