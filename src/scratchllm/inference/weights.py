@@ -29,7 +29,8 @@ request decodes the same whatever else is in the batch) and multiplies int8 × i
 accumulation in fbgemm's dynamic linear (`torch.ops.quantized.linear_dynamic`). On the AVX512
 machine of docs/serving.md it streamed gpt2-small's linears 1.6× (batch 1) and 1.8× (batch 8)
 faster than the weight-only kernel below, and a trained model's top-1 token agreed with fp32's
-as often (98.2% against 97.9%). Without VNNI, activations get 7 bits (`reduce_activation_range`).
+as often (98.2% against 97.9%). Without AVX512-VNNI, activations get 7 bits
+(`reduce_activation_range`).
 
 Elsewhere (`activations="weight"`, or no fbgemm) the int8 weights are used weight-only through
 `torch.ops.aten._weight_int8pack_mm`, which accumulates in fp32. On the AVX2 CPU this was

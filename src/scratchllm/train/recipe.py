@@ -2,7 +2,7 @@
 
 A new user should not have to tune. The speedrun recipe takes the modern architecture of the
 `gpt-modern-*` presets (`config.GPT_MODERN`: RoPE, QK-norm, zero-initialised projections, an
-untied head, soft-capped logits; GELU and LayerNorm, which beat ReLU² and parameter-free RMSNorm
+untied head, no logit soft-cap; GELU and LayerNorm, which beat ReLU² and parameter-free RMSNorm
 in the benchmark's ablation rows), Muon for the hidden matrices with AdamW for the rest, and a
 warmup–stable–decay schedule that decays to zero over the end of the budget (modded-nanogpt,
 nanochat). What it decides per run is the model size: a short calibration
