@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -147,12 +148,13 @@ def _times(fn: Callable[[], object], repeats: int) -> list[float]:
     """Wall times of `repeats` calls after one warm-up: the inference benchmark's `timed`,
     restated so that this worker process never imports torch."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+    return [_seconds(fn) for _ in range(repeats)]
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def worker(spec: dict) -> dict:
@@ -297,6 +299,79 @@ def ratios(results: list[dict], quantized: list[dict], llama_rows: list[dict]) -
                     "ratio": round(mine / theirs, 3),
                 }
             )
+    return out
+
+
+def interleaved(
+    ours: dict[str, Callable[[list[list[int]], int], object]],
+    checkpoint: Path,
+    workdir: Path,
+    prompts: list[list[int]],
+    batches: list[int],
+    args: Any,
+    rate_from_times: Callable[..., dict[str, float]],
+) -> list[dict]:
+    """scratchllm/llama.cpp ratios timed in alternation: `args.repeats` rounds, each timing
+    every pair once on both sides (ours, then a llama.cpp worker run with one repeat).
+
+    Timing one decoder's repeats after the other's lets the machine's drift (seen here: 10% in
+    an hour) fall on one side only; alternating puts it on both. `ours` maps a scratchllm
+    weight format ("fp32", "fp16", "int8") to a function that decodes `n` greedy tokens for the
+    given prompts. Each pair's ratio is the median over the rounds of that round's two rates.
+    """
+    from scratchllm.hub.gguf import export_gguf
+
+    n = args.new_tokens
+    pairs = [(d, fmt) for d, (fmt, _) in PAIRS.items() if fmt in ours]
+    rounds: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in range(args.repeats):
+        for dtype, fmt in pairs:
+            path = workdir / f"model-{dtype}.gguf"
+            if not path.exists():
+                export_gguf(checkpoint, path, dtype=dtype)
+            spec = {
+                "path": str(path),
+                "prompts": prompts,
+                "batches": batches,
+                "new_tokens": n,
+                "repeats": 1,
+                "threads": args.threads,
+                "seq_len": args.prompt_len + n + 8,
+            }
+            for batch in batches:
+                rows = prompts[:batch]
+                decode = ours[fmt]
+                if r == 0:
+                    decode(rows, 1 + n)  # warm up (the worker warms up llama.cpp itself)
+                t1, tn = [_seconds(lambda k=k, d=decode, p=rows: d(p, k)) for k in (1, 1 + n)]
+                mine = rate_from_times([t1], [tn], batch, n)["tokens_per_s"]
+                rounds.setdefault((dtype, batch), []).append((mine, 0.0))
+            measured = run_worker(spec)
+            for batch in batches:
+                t1, tn = measured[f"batch {batch}"]
+                theirs = rate_from_times(t1, tn, batch, n)["tokens_per_s"]
+                mine, _ = rounds[(dtype, batch)][-1]
+                rounds[(dtype, batch)][-1] = (mine, theirs)
+    out = []
+    for (dtype, batch), rates in rounds.items():
+        mine, theirs = (statistics.median(side) for side in zip(*rates, strict=True))
+        ratio = statistics.median(m / t for m, t in rates)
+        out.append(
+            {
+                "batch": batch,
+                "scratchllm": PAIRS[dtype][0],
+                "llama_cpp": dtype,
+                "scratchllm_tokens_per_s": round(mine, 2),
+                "llama_cpp_tokens_per_s": round(theirs, 2),
+                "ratio": round(ratio, 3),
+                "rounds": [[round(m, 2), round(t, 2)] for m, t in rates],
+            }
+        )
+        print(
+            f"interleaved {PAIRS[dtype][0]}/{dtype} batch {batch}: {mine:7.1f} / {theirs:7.1f} "
+            f"tok/s, ratio {ratio:.2f}x (median of {len(rates)} rounds)",
+            flush=True,
+        )
     return out
 
 
