@@ -31,9 +31,12 @@ benchmark prompts (bf16's agreement is given for scale: random weights have near
 weights: the checkpoint exported as f32, f16 and q8_0 GGUF and decoded by llama.cpp's batch API
 with every core, at each batch (8: one sequence id per prompt), in a process of its own
 (`llama_cpp_bench.py`), with its bandwidth floor (the file's own weight bytes, f16 KV cache),
-its greedy agreement with the fp32 engine, and the ratios scratchllm/llama.cpp at the same
-weight precision (fp32/f32, fp16/f16, int8/q8_0) from median times. Each cell is timed
-`--repeats` times (default 5) after a warm-up. `--quick` is a smoke test (gpt-nano, a scratch
+its greedy agreement with the fp32 engine. The ratios scratchllm/llama.cpp at the same weight
+precision (fp32/f32, fp16/f16, int8/q8_0) are timed again in alternation (`interleaved_ratios`:
+`--repeats` rounds, each one run of ours and one of llama.cpp per pair, the ratio the median
+of the rounds' ratios), so that the machine's drift over the run (10% within an hour, seen
+here) falls on both sides; `ratios_sequential` keeps the ratios of the rows timed one engine
+after the other. Each cell is timed `--repeats` times (default 5) after a warm-up. `--quick` is a smoke test (gpt-nano, a scratch
 output file). The real run wants a quiet machine — llama.cpp's spinning thread pool loses
 several-fold to any other load — under the bench lock:
 
