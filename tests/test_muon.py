@@ -128,6 +128,37 @@ def test_muon_takes_hidden_matrices_only_and_scales_its_lr():
     assert all(g.get("lr_scale", 1.0) == 1.0 for g in opt.param_groups if not g["use_muon"])
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_lr_gives_untied_tables_their_own_group(optimizer, tied):
+    torch.manual_seed(0)
+    model = GPTModel(
+        ModelConfig(
+            vocab_size=257,
+            context_length=16,
+            emb_dim=32,
+            n_heads=2,
+            n_layers=1,
+            tie_embeddings=tied,
+        )
+    )
+    names = {id(p): n for n, p in model.named_parameters()}
+    config = TrainConfig(optimizer=optimizer, lr=1e-3, embedding_lr=0.05, weight_decay=0.1)
+    opt = build_optimizer(model, config, torch.device("cpu"))
+    own = [g for g in opt.param_groups if g.get("lr_scale", 1.0) == pytest.approx(50)]
+    want = ["pos_emb.weight"] if tied else ["pos_emb.weight", "tok_emb.weight"]
+    assert len(own) == 1 and sorted(names[id(p)] for p in own[0]["params"]) == want
+    assert own[0]["lr"] == 0.05 and own[0]["weight_decay"] == 0.0
+    # Every parameter in exactly one group; a tied table stays with the head's rate.
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    head = next(g for g in opt.param_groups if any(p is model.out_head.weight for p in g["params"]))
+    assert head.get("lr_scale", 1.0) == 1.0 and head["lr"] == 1e-3
+    # Unset: the groups are what they were (a resumed optimizer state still fits).
+    before = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-3), torch.device("cpu"))
+    assert all(g.get("lr_scale", 1.0) != pytest.approx(50) for g in before.param_groups)
+
+
 def _trainer(tmp_path, data_dir, max_steps=8, lr=1e-3, **kw) -> Trainer:
     text = (data_dir / "corpora" / "the-verdict.txt").read_bytes()
     tokens = np.frombuffer(text, dtype=np.uint8).astype(np.uint16)

@@ -31,27 +31,64 @@ def build_optimizer(
     """
     if config.optimizer == "muon":
         return _muon(model, config, device)
+    embeddings = _own_lr_embeddings(model, config)
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in embeddings:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *_embedding_group(embeddings, config, {}),
     ]
     impl = config.optimizer_impl
     if impl == "auto":
         impl = _AUTO_IMPL.get(device.type, "foreach")
     extra = {"fused": True} if impl == "fused" else {"foreach": True}
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **extra)
 
 
 def _muon(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> MuonAdamW:
     hidden, matrices, vectors = split_for_muon(model)
+    embeddings = _own_lr_embeddings(model, config)
+    matrices = [p for p in matrices if id(p) not in embeddings]
     adam = dict(betas=(config.beta1, config.beta2), eps=1e-8, lr=config.lr, use_muon=False)
     groups = [
         dict(params=hidden, use_muon=True, lr=config.muon_lr, lr_scale=config.muon_lr / config.lr),
         dict(params=matrices, weight_decay=config.weight_decay, **adam),
         dict(params=vectors, weight_decay=0.0, **adam),
+        *_embedding_group(embeddings, config, adam),
     ]
     return MuonAdamW([g for g in groups if g["params"]], ns_dtype=muon_ns_dtype(device))
+
+
+def _own_lr_embeddings(
+    model: torch.nn.Module, config: TrainConfig
+) -> dict[int, torch.nn.Parameter]:
+    """The embedding tables that take `embedding_lr` (none when it is unset): every
+    `nn.Embedding` weight except one tied to the output head, which stays at the head's rate.
+
+    An embedding row moves only when its token occurs, so at the hidden weights' rate a small
+    budget leaves most rows near their initialisation; modded-nanogpt and nanochat give the
+    table a learning rate tens of times the head's."""
+    if config.embedding_lr is None:
+        return {}
+    head = getattr(model, "out_head", None)
+    tied = {id(p) for p in head.parameters()} if isinstance(head, torch.nn.Module) else set()
+    return {
+        id(m.weight): m.weight
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding) and m.weight.requires_grad and id(m.weight) not in tied
+    }
+
+
+def _embedding_group(
+    embeddings: dict[int, torch.nn.Parameter], config: TrainConfig, adam: dict
+) -> list[dict]:
+    if not embeddings:
+        return []
+    lr = config.embedding_lr
+    assert lr is not None
+    group = {**adam, "lr": lr, "lr_scale": lr / config.lr}
+    return [dict(group, params=list(embeddings.values()), weight_decay=0.0)]

@@ -96,6 +96,12 @@ class TrainConfig(OptimSettings):
         choices=("adamw", "muon"),
     )
     muon_lr: float = setting(0.02, help="peak learning rate of the Muon weights", gt=0)
+    embedding_lr: float | None = setting(
+        None,
+        help="peak learning rate of untied embedding tables, without weight decay "
+        "(default: lr, as the other AdamW weights)",
+        gt=0,
+    )
     optimizer_impl: str = setting(
         "auto", help="AdamW kernel (auto: fused)", choices=("auto", "fused", "foreach")
     )
