@@ -23,8 +23,8 @@ from scratchllm.inference.weights import (
     pack_linears,
     quantize_fp16,
     quantize_int8,
+    int8_weight_levels,
     quantize_weight,
-    reduce_activation_range,
 )
 from scratchllm.model.lora import LoRALinear, apply_lora, has_lora
 
@@ -69,11 +69,11 @@ def dynamic_error_bound(x: torch.Tensor, layer: nn.Linear, q: Int8Linear) -> tor
     """Worst-case |W8A8 output − float output| per element.
 
     Σ xq·wq − x·w = Σ (xq − x)·wq + Σ x·(wq − w): each activation is off by at most half a step
-    of its row's grid (absmax/127 with 7-bit activations, absmax/255 with 8), each weight by
-    half its row's scale."""
+    of its row's 8-bit grid (absmax/255), each weight by half its row's scale (absmax/127, or
+    /63 where the weights get 7 bits)."""
     w = layer.weight.detach()
     scales = q.scales.float()
-    half_act = x.abs().amax(-1, keepdim=True) / (127 if reduce_activation_range() else 255)
+    half_act = x.abs().amax(-1, keepdim=True) / 255
     act = half_act * q.dequantized_weight().abs().sum(1) * 1.01
     weight = x.abs().sum(-1, keepdim=True) * scales / 2
     y = nn.functional.linear(x, w, layer.bias)
@@ -110,9 +110,9 @@ def test_w8a8_linear_is_within_its_bound_and_rounds_each_row_alone():
 @needs_w8a8
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_w8a8_full_range_products_do_not_saturate(sign):
-    # Every activation at its row's absmax and every weight at ±127: without VNNI, 8-bit
-    # activations would overflow AVX2's int16 pair sums here; the 7 or 8 bits chosen for this
-    # CPU (`reduce_activation_range`) must give the exact sum within the rounding.
+    # Every activation at its row's absmax and every weight at its largest: without VNNI,
+    # 8-bit weights would overflow AVX2's int16 pair sums here; the 7 or 8 bits chosen for
+    # this CPU (`int8_weight_levels`) must give the exact sum within the rounding.
     layer = nn.Linear(256, 16, bias=False)
     with torch.no_grad():
         layer.weight.fill_(sign)
@@ -134,21 +134,26 @@ def test_w8a8_repacks_after_an_edit_in_place():
         torch.testing.assert_close(q(x), 2 * before)
 
 
-def test_activation_range_follows_vnni(monkeypatch):
+@needs_w8a8
+def test_weight_bits_follow_vnni(monkeypatch):
     from scratchllm.inference import weights
     from scratchllm.train import throughput
 
     def cpu(*flags):
         return lambda: throughput.CpuInfo(2, 3.0, frozenset({"avx2", *flags}))
 
-    for flags, reduce in [((), True), (("avx512_vnni",), False), (("avx_vnni",), True)]:
+    cache = weights._saturating_int8_products.cache_clear
+    for flags, levels in [((), 63), (("avx512_vnni",), 127), (("avx_vnni",), 63)]:
         monkeypatch.setattr(throughput, "read_cpu_info", cpu(*flags))
-        weights.reduce_activation_range.cache_clear()
-        assert weights.reduce_activation_range() is reduce, flags
+        cache()
+        assert int8_weight_levels() == levels, flags
+        assert int8_weight_levels("weight") == 127  # no int16 pair sums in that kernel
     monkeypatch.setattr(throughput, "read_cpu_info", lambda: None)
-    weights.reduce_activation_range.cache_clear()
-    assert weights.reduce_activation_range() is True  # unknown CPU: the safe 7 bits
-    weights.reduce_activation_range.cache_clear()
+    cache()
+    assert int8_weight_levels() == 63  # unknown CPU: the safe 7 bits
+    cache()
+    layer = nn.Linear(64, 8)
+    assert Int8Linear.from_linear(layer).weight_int8.abs().max() == int8_weight_levels()
 
 
 @pytest.mark.parametrize("in_features", [256, 100])  # 100: not a kernel width, dequantize path
@@ -202,25 +207,38 @@ def test_quantized_model_shrinks_and_keeps_greedy_tokens(kind):
         a, b = model(ids), quant(ids)
     assert float((a - b).abs().max() / a.std()) < 0.05
 
-    # Tolerance: on these tiny random models the first 16 greedy tokens of every prompt are
-    # identical (a random model has near-ties, so a flip further on would not mean a bug).
+    assert _greedy_flips_beyond_near_ties(model, quant) == 0
+
+
+def _greedy_flips_beyond_near_ties(model: GPTModel, quant: GPTModel) -> int:
+    """Steps of fp32's greedy continuations of PROMPTS where the quantized model's top token
+    differs although fp32's top two logits are more than a near-tie apart (0.1 of the logits'
+    std: twice the 5% error allowed above).
+
+    A random model has near-ties, so a flip there does not mean a bug (where int8 weights get 7
+    bits, the llama model flips two, at margins of 0.0004 and 0.004 of the logits' std); a flip
+    of a clear winner does."""
     params = SamplingParams(max_tokens=GREEDY_TOKENS, stop_ids=())
     ref = Engine(model, ByteTokenizer()).generate(PROMPTS, params)
-    out = Engine(quant, ByteTokenizer()).generate(PROMPTS, params)
-    assert [c[0].token_ids for c in out] == [c[0].token_ids for c in ref]
+    bad = 0
+    for prompt, done in zip(PROMPTS, ref, strict=True):
+        ids = torch.tensor([prompt + done[0].token_ids[:-1]])
+        with torch.no_grad():
+            a, b = model(ids)[0, len(prompt) - 1 :], quant(ids)[0, len(prompt) - 1 :]
+        top2 = a.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.1 * a.std()
+        bad += int(((a.argmax(-1) != b.argmax(-1)) & clear).sum())
+    return bad
 
 
 def test_broken_quantization_would_fail_the_greedy_check():
     # The greedy check above is not vacuous: a wrong scale (here 10 % off in one layer's rows)
-    # changes the tokens.
+    # flips clear winners.
     model = make_model()
     quant = quantize_int8(copy.deepcopy(model))
     with torch.no_grad():
         quant.out_head.scales.mul_(1 + 0.1 * torch.randn_like(quant.out_head.scales.float()))
-    params = SamplingParams(max_tokens=GREEDY_TOKENS, stop_ids=())
-    ref = Engine(model, ByteTokenizer()).generate(PROMPTS, params)
-    out = Engine(quant, ByteTokenizer()).generate(PROMPTS, params)
-    assert [c[0].token_ids for c in out] != [c[0].token_ids for c in ref]
+    assert _greedy_flips_beyond_near_ties(model, quant) > 0
 
 
 def test_engine_batched_equals_one_by_one_with_int8():

@@ -20,7 +20,8 @@ above it decoded faster than weight-only int8, whose kernel is compute-bound the
 
 **int8** (`quantize_int8`, `--quantize int8`): every `nn.Linear` of the transformer blocks
 and the output head becomes an `Int8Linear`: an int8 weight (out, in) with one symmetric scale
-per output channel (absmax / 127), so a decode step reads a quarter of the fp32 weight bytes.
+per output channel (absmax / 127, or / 63: `int8_weight_levels`), so a decode step reads a
+quarter of the fp32 weight bytes.
 The embeddings, norms, attention and the KV cache are untouched.
 
 Where PyTorch has fbgemm (x86 builds), the matmul is W8A8, as llama.cpp's q8_0 is: each call
@@ -29,8 +30,8 @@ request decodes the same whatever else is in the batch) and multiplies int8 × i
 accumulation in fbgemm's dynamic linear (`torch.ops.quantized.linear_dynamic`). On the AVX512
 machine of docs/serving.md it streamed gpt2-small's linears 1.6× (batch 1) and 1.8× (batch 8)
 faster than the weight-only kernel below, and a trained model's top-1 token agreed with fp32's
-as often (98.2% against 97.9%). Without AVX512-VNNI, activations get 7 bits
-(`reduce_activation_range`).
+as often (98.2% against 97.9%). Without AVX512-VNNI the weights get 7 bits instead of 8
+(`int8_weight_levels`), so that AVX2's int16 pair sums cannot saturate.
 
 Elsewhere (`activations="weight"`, or no fbgemm) the int8 weights are used weight-only through
 `torch.ops.aten._weight_int8pack_mm`, which accumulates in fp32. On the AVX2 CPU this was
@@ -69,18 +70,19 @@ _KERNEL_DTYPE = torch.bfloat16
 _KERNEL_K_MULTIPLE = 32
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float weight → (int8 weight, per-row scales) with weight ≈ int8 · scale[:, None].
+def quantize_weight(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight → (int8 weight, per-row scales) with weight ≈ int8 · scale[:, None]
+    and the int8 values in [-levels, levels].
 
     The scales are rounded to bf16 before the weight is divided by them, so the kernel (which
     takes bf16 scales) multiplies by exactly the scale the weight was quantized with.
     """
     w = weight.detach().float()
     absmax = w.abs().amax(dim=1)
-    scales = (absmax / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = (absmax / levels).clamp(min=torch.finfo(torch.float32).tiny)
     scales = scales.to(_KERNEL_DTYPE).float()
-    # bf16 may round a scale down a little: clamp the few values that then overflow ±127.
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    # bf16 may round a scale down a little: clamp the few values that then overflow ±levels.
+    q = torch.round(w / scales[:, None]).clamp(-levels, levels).to(torch.int8)
     return q.contiguous(), scales
 
 
@@ -130,7 +132,7 @@ class Int8Linear(nn.Module):
             w.dtype,
             activations,
         )
-        q, scales = quantize_weight(w)
+        q, scales = quantize_weight(w, int8_weight_levels(activations))
         with torch.no_grad():
             layer.weight_int8.copy_(q)
             layer.scales.copy_(scales)
@@ -158,7 +160,9 @@ class Int8Linear(nn.Module):
         absmax = absmax.clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero row
         rows = torch.cat([x / absmax, self._grid_row(x.shape[1])])
         y = torch.ops.quantized.linear_dynamic(
-            rows, self._dynamic_params(), reduce_activation_range()
+            rows,
+            self._dynamic_params(),
+            False,  # 8-bit activations: see int8_weight_levels
         )[:-1]
         if self.bias is None:
             return y.mul_(absmax)
@@ -357,18 +361,28 @@ def dynamic_int8_available() -> bool:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def reduce_activation_range() -> bool:
-    """Whether to quantize activations to 7 bits rather than 8 for fbgemm's int8 kernel.
+def int8_weight_levels(activations: str = "dynamic") -> int:
+    """The largest int8 weight magnitude for `activations`: 127, or 63 for W8A8 on a CPU without
+    AVX512-VNNI.
 
     Without VNNI, fbgemm multiplies uint8 activations by int8 weights with AVX2's `vpmaddubsw`,
-    which adds two products into an int16 and saturates when both are near full range; 7-bit
-    activations keep the pair sum in range (PyTorch's own default for x86 dynamic quantization).
-    With AVX512-VNNI, `vpdpbusd` accumulates the products in int32, and full-range activations
-    times full-range weights came out right on the AVX512-VNNI machine of docs/serving.md
-    (tests/test_quantize.py checks it wherever it runs), so 8 bits. AVX-VNNI alone (a client
-    CPU's 256-bit form) is not assumed to be used by fbgemm. Unknown CPU (no /proc/cpuinfo
-    flags): the safe 7 bits."""
+    which adds two products into an int16 and saturates when both are near full range
+    (255 · 127 · 2 > 32767). PyTorch's own x86 default gives the activations 7 bits; here the
+    weights get them instead (255 · 63 · 2 fits): a weight has one scale per output row and few
+    outliers, while a row of activations is scaled by its largest value, so the activations' bit
+    is worth more. On a Gutenberg checkpoint trained on the AVX2 machine of docs/serving.md, the
+    top token given fp32's context matched fp32's 96.9% of the time with 7-bit weights and 95.1%
+    with 7-bit activations (8-bit weight-only: 97.7%). With AVX512-VNNI, `vpdpbusd` accumulates
+    in int32 and both get 8 bits (tests/test_quantize.py checks full-range products on whatever
+    CPU runs it). AVX-VNNI alone (a client CPU's 256-bit form) is not assumed to be used by
+    fbgemm. Unknown CPU (no /proc/cpuinfo flags): the safe 7 bits."""
+    if activations != "dynamic" or not dynamic_int8_available() or not _saturating_int8_products():
+        return 127
+    return 63
+
+
+@functools.lru_cache(maxsize=1)
+def _saturating_int8_products() -> bool:
     from scratchllm.train.throughput import read_cpu_info
 
     info = read_cpu_info()

@@ -3,7 +3,8 @@
 A new user should not have to tune. The speedrun recipe takes the modern architecture of the
 `gpt-modern-*` presets (`config.GPT_MODERN`: RoPE, QK-norm, zero-initialised projections, an
 untied head, no logit soft-cap; GELU and LayerNorm, which beat ReLU² and parameter-free RMSNorm
-in the benchmark's ablation rows), Muon for the hidden matrices with AdamW for the rest, and a
+in the benchmark's ablation rows), Muon for the hidden matrices with AdamW for the rest (the
+token embedding at its own, much higher rate: `EMBEDDING_LR`), and a
 warmup–stable–decay schedule that decays to zero over the end of the budget (modded-nanogpt,
 nanochat). What it decides per run is the model size: a short calibration
 (about a second per candidate) measures this machine's training tokens/s for each candidate
