@@ -145,7 +145,16 @@ def _run(name: str, work: Path, val_tokens: int, **settings: Any) -> dict[str, A
         "model": {k: model.get(k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")},
         "settings": {
             k: run[k]
-            for k in ("optimizer", "lr", "muon_lr", "schedule", "batch_size", "dtype", "eval_every")
+            for k in (
+                "optimizer",
+                "lr",
+                "muon_lr",
+                "embedding_lr",
+                "schedule",
+                "batch_size",
+                "dtype",
+                "eval_every",
+            )
         },
     }
     print(
