@@ -19,11 +19,11 @@ from scratchllm.inference.weights import (
     dynamic_int8_available,
     gemv_splits,
     has_onednn,
+    int8_weight_levels,
     linear_weight_bytes,
     pack_linears,
     quantize_fp16,
     quantize_int8,
-    int8_weight_levels,
     quantize_weight,
 )
 from scratchllm.model.lora import LoRALinear, apply_lora, has_lora

@@ -58,7 +58,11 @@ def test_the_recipe_sets_muon_wsd_and_writes_its_model(tmp_path, monkeypatch):
     )
     assert (new.optimizer, new.schedule, new.min_lr) == ("muon", "wsd", 0.0)
     assert new.dtype == "float32"
-    assert new.embedding_lr == recipe.EMBEDDING_LR > 10 * new.lr  # the table's own rate
+    assert new.embedding_lr is None  # bytes (257 ids): the table stays at the AdamW rate
+    subword, _ = apply_recipe(
+        opts, 4096, CPU, explicit={"time_budget", "recipe", "out"}, measure=_fixed(20_000)
+    )
+    assert subword.embedding_lr == recipe.EMBEDDING_LR > 10 * subword.lr  # its own rate
     model = json.loads((tmp_path / "run" / "recipe-model.json").read_text())
     assert new.model == str(tmp_path / "run" / "recipe-model.json")
     assert model["pos_embedding"] == "rope" and model["qk_norm"]  # config.GPT_MODERN's

@@ -4,7 +4,7 @@ A new user should not have to tune. The speedrun recipe takes the modern archite
 `gpt-modern-*` presets (`config.GPT_MODERN`: RoPE, QK-norm, zero-initialised projections, an
 untied head, no logit soft-cap; GELU and LayerNorm, which beat ReLU² and parameter-free RMSNorm
 in the benchmark's ablation rows), Muon for the hidden matrices with AdamW for the rest (the
-token embedding at its own, much higher rate: `EMBEDDING_LR`), and a
+token embedding of a subword vocabulary at its own, much higher rate: `EMBEDDING_LR`), and a
 warmup–stable–decay schedule that decays to zero over the end of the budget (modded-nanogpt,
 nanochat). What it decides per run is the model size: a short calibration
 (about a second per candidate) measures this machine's training tokens/s for each candidate
@@ -62,8 +62,9 @@ CALIBRATION_TOKENS = 1536  # tokens per step of the speed calibration
 MAX_SLOWDOWN = 0.2  # a larger step may lose this share of the calibrated tokens/s, no more
 MUON_LR = 0.03
 ADAMW_LR = 6e-3  # the head and norms, beside Muon
-# The untied token embedding's own AdamW rate (`embedding_lr`), as modded-nanogpt and nanochat
-# give it tens of times the head's: a row moves only when its token occurs. On the Gutenberg
+# The untied token embedding's own AdamW rate (`embedding_lr`) for a subword vocabulary, as
+# modded-nanogpt and nanochat give it tens of times the head's: a row moves only when its token
+# occurs (a byte table's 256 rows occur at almost every step: not measured there). On the Gutenberg
 # novels (4096-id BPE, 4x128, 180 s, AMD EPYC, fp32) the recipe ended at 1.956 bpb with the
 # table at ADAMW_LR, 1.912 at 0.1, 1.885 at 0.3 and 1.916 at 0.6 (single runs; the last trained 14% fewer tokens).
 EMBEDDING_LR = 0.3
@@ -318,7 +319,8 @@ def speedrun(
     adamw = settings.get("optimizer", opts.optimizer) == "adamw"
     put("muon_lr", MUON_LR)
     put("lr", ADAMW_ONLY_LR if adamw else ADAMW_LR)
-    put("embedding_lr", EMBEDDING_LR)
+    if vocab_size > BYTE_VOCAB_LIMIT:  # bytes: every row is updated at almost every step
+        put("embedding_lr", EMBEDDING_LR, "the token embedding's own AdamW rate")
     put("schedule", "wsd", f"warmup, stable, linear decay to 0 over the last {DECAY_FRACTION:.0%}")
     put("decay_fraction", DECAY_FRACTION)
     put("min_lr", 0.0)
