@@ -204,6 +204,33 @@ def run_worker(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _spec(
+    checkpoint: Path,
+    workdir: Path,
+    dtype: str,
+    prompts: list[list[int]],
+    batches: list[int],
+    args: Any,
+    repeats: int,
+) -> tuple[Path, dict]:
+    """The checkpoint's GGUF file in `dtype` (exported once) and a worker spec that times it."""
+    from scratchllm.hub.gguf import export_gguf
+
+    path = workdir / f"model-{dtype}.gguf"
+    if not path.exists():
+        export_gguf(checkpoint, path, dtype=dtype)
+    spec = {
+        "path": str(path),
+        "prompts": prompts,
+        "batches": batches,
+        "new_tokens": args.new_tokens,
+        "repeats": repeats,
+        "threads": args.threads,
+        "seq_len": args.prompt_len + args.new_tokens + 8,
+    }
+    return path, spec
+
+
 def llama_cpp_results(
     checkpoint: Path,
     workdir: Path,
@@ -219,23 +246,10 @@ def llama_cpp_results(
     """llama.cpp rows (one per GGUF dtype and batch) and each dtype's greedy tokens: timings
     turned into rates by the inference benchmark's own `rate_from_times`, floored by its
     `bandwidth_floor`."""
-    from scratchllm.hub.gguf import export_gguf
-
     rows: list[dict] = []
     greedy: dict[str, list[list[int]]] = {}
     for dtype in dtypes:
-        path = workdir / f"model-{dtype}.gguf"
-        if not path.exists():
-            export_gguf(checkpoint, path, dtype=dtype)
-        spec = {
-            "path": str(path),
-            "prompts": prompts,
-            "batches": batches,
-            "new_tokens": args.new_tokens,
-            "repeats": args.repeats,
-            "threads": args.threads,
-            "seq_len": args.prompt_len + args.new_tokens + 8,
-        }
+        path, spec = _spec(checkpoint, workdir, dtype, prompts, batches, args, args.repeats)
         measured = run_worker(spec)
         greedy[dtype] = measured["greedy"]
         weight_bytes = matmul_weight_bytes(path)
@@ -319,25 +333,12 @@ def interleaved(
     weight format ("fp32", "fp16", "int8") to a function that decodes `n` greedy tokens for the
     given prompts. Each pair's ratio is the median over the rounds of that round's two rates.
     """
-    from scratchllm.hub.gguf import export_gguf
-
     n = args.new_tokens
     pairs = [(d, fmt) for d, (fmt, _) in PAIRS.items() if fmt in ours]
     rounds: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(args.repeats):
         for dtype, fmt in pairs:
-            path = workdir / f"model-{dtype}.gguf"
-            if not path.exists():
-                export_gguf(checkpoint, path, dtype=dtype)
-            spec = {
-                "path": str(path),
-                "prompts": prompts,
-                "batches": batches,
-                "new_tokens": n,
-                "repeats": 1,
-                "threads": args.threads,
-                "seq_len": args.prompt_len + n + 8,
-            }
+            _, spec = _spec(checkpoint, workdir, dtype, prompts, batches, args, 1)
             for batch in batches:
                 rows = prompts[:batch]
                 decode = ours[fmt]
