@@ -63,10 +63,11 @@ MAX_SLOWDOWN = 0.2  # a larger step may lose this share of the calibrated tokens
 MUON_LR = 0.03
 ADAMW_LR = 6e-3  # the head and norms, beside Muon
 # The untied token embedding's own AdamW rate (`embedding_lr`) for a subword vocabulary, as
-# modded-nanogpt and nanochat give it tens of times the head's: a row moves only when its token
-# occurs (a byte table's 256 rows occur at almost every step: not measured there). On the Gutenberg
-# novels (4096-id BPE, 4x128, 180 s, AMD EPYC, fp32) the recipe ended at 1.956 bpb with the
-# table at ADAMW_LR, 1.912 at 0.1, 1.885 at 0.3 and 1.916 at 0.6 (single runs; the last trained 14% fewer tokens).
+# modded-nanogpt and nanochat give it tens of times the head's: a row moves only when its
+# token occurs (a byte table's 256 rows occur at almost every step: not measured there). On
+# the Gutenberg novels (4096-id BPE, 4x128, 180 s, AMD EPYC, fp32) the recipe ended at 1.956
+# bpb with the table at ADAMW_LR, 1.912 at 0.1, 1.885 at 0.3 and 1.916 at 0.6 (single runs;
+# the last trained 14% fewer tokens).
 EMBEDDING_LR = 0.3
 ADAMW_ONLY_LR = 2e-3  # every weight, with --optimizer adamw
 DECAY_FRACTION = 0.4
