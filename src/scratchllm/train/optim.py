@@ -45,7 +45,6 @@ def build_optimizer(
     if impl == "auto":
         impl = _AUTO_IMPL.get(device.type, "foreach")
     extra = {"fused": True} if impl == "fused" else {"foreach": True}
-    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **extra)
 
 

@@ -61,7 +61,7 @@ MAX_SUBWORD_CONTEXT = 1024
 CALIBRATION_TOKENS = 1536  # tokens per step of the speed calibration
 MAX_SLOWDOWN = 0.2  # a larger step may lose this share of the calibrated tokens/s, no more
 MUON_LR = 0.03
-ADAMW_LR = 6e-3  # the head and norms, beside Muon
+ADAMW_LR = 6e-3  # the head, norms and a byte vocabulary's embedding, beside Muon
 # The untied token embedding's own AdamW rate (`embedding_lr`) for a subword vocabulary, as
 # modded-nanogpt and nanochat give it tens of times the head's: a row moves only when its
 # token occurs (a byte table's 256 rows occur at almost every step: not measured there). On
