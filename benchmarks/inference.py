@@ -37,8 +37,8 @@ precision (fp32/f32, fp16/f16, int8/q8_0) are timed again in alternation (`inter
 of the rounds' ratios), so that the machine's drift over the run (10% within an hour, seen
 here) falls on both sides; `ratios_sequential` keeps the ratios of the rows timed one engine
 after the other. Each cell is timed `--repeats` times (default 5) after a warm-up. `--quick`
-is a smoke test (gpt-nano, a scratch output file). The real run wants a quiet machine — llama.cpp's spinning thread pool loses
-several-fold to any other load — under the bench lock:
+is a smoke test (gpt-nano, a scratch output file). The real run wants a quiet machine —
+llama.cpp's spinning thread pool loses several-fold to any other load — under the bench lock:
 
     flock /tmp/scratchllm-bench.lock .venv/bin/python benchmarks/inference.py
 """

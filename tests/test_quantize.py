@@ -151,6 +151,7 @@ def test_weight_bits_follow_vnni(monkeypatch):
     monkeypatch.setattr(throughput, "read_cpu_info", lambda: None)
     cache()
     assert int8_weight_levels() == 63  # unknown CPU: the safe 7 bits
+    monkeypatch.undo()  # this CPU again, so the cache the later tests read is its own
     cache()
     layer = nn.Linear(64, 8)
     assert Int8Linear.from_linear(layer).weight_int8.abs().max() == int8_weight_levels()
