@@ -49,3 +49,21 @@ def one_thread():
 def two_threads():
     """Two threads: a packed one-row product then runs as two slices (`gemv_splits`)."""
     yield from _threads(2)
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def int8_fp16_path(request, monkeypatch):
+    """Run a test once through our decode kernels (inference/kernels.c; skipped without a C
+    compiler) and once through PyTorch's (fbgemm), which prefills always use."""
+    import shutil
+
+    from scratchllm.inference import kernels
+
+    if request.param == "kernels" and not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler for the decode kernels")
+    monkeypatch.setenv("SCRATCHLLM_KERNELS", "1" if request.param == "kernels" else "0")
+    kernels._library.cache_clear()
+    assert kernels.available() == (request.param == "kernels")
+    yield request.param
+    monkeypatch.undo()
+    kernels._library.cache_clear()

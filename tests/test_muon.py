@@ -125,7 +125,20 @@ def test_muon_takes_hidden_matrices_only_and_scales_its_lr():
     opt = build_optimizer(model, config, torch.device("cpu"))
     muon = [g for g in opt.param_groups if g["use_muon"]]
     assert len(muon) == 1 and muon[0]["lr"] == 0.02 and muon[0]["lr_scale"] == pytest.approx(20)
+    assert muon[0]["weight_decay"] == 0.0  # as published, unless asked for
     assert all(g.get("lr_scale", 1.0) == 1.0 for g in opt.param_groups if not g["use_muon"])
+    config = TrainConfig(optimizer="muon", muon_weight_decay=0.1, weight_decay=0.0)
+    opt = build_optimizer(model, config, torch.device("cpu"))
+    assert [g["weight_decay"] for g in opt.param_groups if g["use_muon"]] == [0.1]
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if not g["use_muon"])
+    # and it decays: a step with a zero gradient shrinks each Muon matrix by (1 - lr·wd)
+    hidden = [p for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+    before = [p.detach().clone() for p in hidden]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(hidden, before, strict=True):
+        torch.testing.assert_close(p.detach(), b * (1 - config.muon_lr * 0.1))
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])

@@ -86,7 +86,7 @@ needs_w8a8 = pytest.mark.skipif(
 
 
 @needs_w8a8
-def test_w8a8_linear_is_within_its_bound_and_rounds_each_row_alone():
+def test_w8a8_linear_is_within_its_bound_and_rounds_each_row_alone(int8_fp16_path):
     torch.manual_seed(0)
     layer = nn.Linear(256, 384)
     q = Int8Linear.from_linear(layer)  # activations="dynamic": W8A8 where fbgemm has it
@@ -109,7 +109,7 @@ def test_w8a8_linear_is_within_its_bound_and_rounds_each_row_alone():
 
 @needs_w8a8
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_w8a8_full_range_products_do_not_saturate(sign):
+def test_w8a8_full_range_products_do_not_saturate(sign, int8_fp16_path):
     # Every activation at its row's absmax and every weight at its largest: without VNNI,
     # 8-bit weights would overflow AVX2's int16 pair sums here; the 7 or 8 bits chosen for
     # this CPU (`int8_weight_levels`) must give the exact sum within the rounding.
@@ -124,7 +124,7 @@ def test_w8a8_full_range_products_do_not_saturate(sign):
 
 
 @needs_w8a8
-def test_w8a8_repacks_after_an_edit_in_place():
+def test_w8a8_repacks_after_an_edit_in_place(int8_fp16_path):
     torch.manual_seed(0)
     q = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))
     x = torch.randn(2, 64)
@@ -479,7 +479,7 @@ needs_fbgemm = pytest.mark.skipif(
 
 
 @needs_fbgemm
-def test_fp16_linear_rounds_only_the_weights():
+def test_fp16_linear_rounds_only_the_weights(int8_fp16_path):
     torch.manual_seed(0)
     layer = nn.Linear(96, 200)
     with torch.no_grad():

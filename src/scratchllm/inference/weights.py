@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchllm.errors import InputError
+from scratchllm.inference import kernels
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Int8Linear(nn.Module):
         self.out_features = out_features
         self.activations = activations
         self._packed: tuple[tuple, torch.ScriptObject] | None = None  # fbgemm's, not state
+        self._operands: tuple[tuple, tuple] | None = None  # our kernel's, not state
         self.register_buffer(
             "weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
@@ -175,6 +177,20 @@ class Int8Linear(nn.Module):
         row[0, :2] = torch.tensor([1.0, -1.0])
         return row
 
+    def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The int8 weight and the fp32 scales and bias as our kernel takes them: built on first
+        use and again whenever one changes (a load, an edit in place)."""
+        w, s, b = self._buffers["weight_int8"], self._buffers["scales"], self.bias
+        key = (w.data_ptr(), w._version, s.data_ptr(), s._version)
+        if b is not None:
+            key += (b.data_ptr(), b._version)
+        if self._operands is None or self._operands[0] != key:
+            weight = self.weight_int8.contiguous()
+            kernels.use_huge_pages(weight)
+            bias = None if self.bias is None else self.bias.detach().float().contiguous()
+            self._operands = (key, (weight, self.scales.float().contiguous(), bias))
+        return self._operands[1]
+
     def _dynamic_params(self) -> torch.ScriptObject:
         """The weight packed for fbgemm's W8A8 kernel: built on first use and again whenever
         the int8 weight or the scales change (a load, an edit in place)."""
@@ -192,6 +208,9 @@ class Int8Linear(nn.Module):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations == "dynamic" and kernels.usable(x):  # a decode step: one call
+            y = kernels.w8a8_linear(x, *self._kernel_operands())
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
         if self.activations == "dynamic" and x.device.type == "cpu" and dynamic_int8_available():
@@ -305,34 +324,53 @@ class PackedLinear(nn.Module):
 
 
 class Fp16Linear(nn.Module):
-    """y = x Wᵀ + b with W rounded to fp16 and packed by fbgemm; fp32 arithmetic (CPU, inference).
+    """y = x Wᵀ + b with W rounded to fp16; fp32 arithmetic (CPU, inference).
 
-    Inputs of another dtype are computed in fp32 and cast back. The packed weight and bias live
-    in an opaque fbgemm object (not in `state_dict`); `weight_fp32()` unpacks them for inspection.
+    With our kernels (`kernels.available()`) the weight is kept as a plain fp16 tensor: decode
+    steps go through `kernels.f16_linear`, longer inputs (a prefill) through `F.linear` on the
+    weight widened to fp32. Otherwise the weight and bias live in an opaque fbgemm object.
+    Neither is in `state_dict`; `weight_fp32()` returns the stored weight for inspection. Inputs
+    of another dtype are computed in fp32 and cast back.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        bias = None if linear.bias is None else linear.bias.detach().float()
+        bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.has_bias = bias is not None
-        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        weight = linear.weight.detach()
+        self.packed: torch.ScriptObject | None = None
+        self.weight_half: torch.Tensor | None = None
+        self.bias_fp32 = bias
+        if kernels.available():
+            self.weight_half = weight.to(torch.float16).contiguous()
+            kernels.use_huge_pages(self.weight_half)
+        else:
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
 
     def weight_fp32(self) -> torch.Tensor:
         """The stored weight (its fp16 values, as fp32)."""
+        if self.weight_half is not None:
+            return self.weight_half.float()
         return torch.ops.quantized.linear_unpack_fp16(self.packed)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad:  # the fbgemm op has no backward
+        if x.requires_grad:  # neither kernel has a backward
             raise RuntimeError("Fp16Linear is inference-only; run under torch.no_grad()")
-        y = torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed)
+        if self.weight_half is None:
+            y = torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed)
+        elif kernels.usable(x):
+            y = kernels.f16_linear(x, self.weight_half, self.bias_fp32)
+        else:
+            y = F.linear(x.float(), self.weight_half.float(), self.bias_fp32)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
+        kernel = "fbgemm" if self.weight_half is None else "scratchllm kernels"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.has_bias}, fp16 weights (fbgemm)"
+            f"bias={self.has_bias}, fp16 weights ({kernel})"
         )
 
 

@@ -26,7 +26,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW; weight decay only on ≥2-D weights (matmuls, embeddings), not on norms or biases.
 
-    With `optimizer="muon"`: Muon on the hidden 2-D weights (no weight decay, as published),
+    With `optimizer="muon"`: Muon on the hidden 2-D weights (decay `muon_weight_decay`, 0 by default),
     AdamW as above on embeddings, the output head, norms and biases.
     """
     if config.optimizer == "muon":
@@ -54,7 +54,13 @@ def _muon(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> 
     matrices = [p for p in matrices if id(p) not in embeddings]
     adam = dict(betas=(config.beta1, config.beta2), eps=1e-8, lr=config.lr, use_muon=False)
     groups = [
-        dict(params=hidden, use_muon=True, lr=config.muon_lr, lr_scale=config.muon_lr / config.lr),
+        dict(
+            params=hidden,
+            use_muon=True,
+            lr=config.muon_lr,
+            lr_scale=config.muon_lr / config.lr,
+            weight_decay=config.muon_weight_decay,
+        ),
         dict(params=matrices, weight_decay=config.weight_decay, **adam),
         dict(params=vectors, weight_decay=0.0, **adam),
         *_embedding_group(embeddings, config, adam),

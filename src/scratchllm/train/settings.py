@@ -96,6 +96,9 @@ class TrainConfig(OptimSettings):
         choices=("adamw", "muon"),
     )
     muon_lr: float = setting(0.02, help="peak learning rate of the Muon weights", gt=0)
+    muon_weight_decay: float = setting(
+        0.0, help="decoupled weight decay of the Muon weights: p ← p·(1 − lr·wd) each step", ge=0
+    )
     embedding_lr: float | None = setting(
         None,
         help="peak learning rate of untied embedding tables, without weight decay "

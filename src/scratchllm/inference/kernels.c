@@ -1,0 +1,200 @@
+/* Matrix-vector kernels for CPU decoding: y = x Wᵀ (+ b) for a few rows x and a large W.
+
+A decode step multiplies one row per sequence by every weight matrix, so its speed is the speed
+at which the weights stream from memory; the arithmetic per weight byte is tiny. These loops
+read each weight once per call for all rows (up to ROWS at a time while the weight row sits in
+L1), split the output features over the OpenMP threads in contiguous ranges (one sequential
+stream per core, which the hardware prefetcher follows), and keep the arithmetic in registers.
+
+Built by scratchllm/inference/kernels.py with the machine's C compiler and -march=native, so the
+#if branches pick AVX-512 or AVX2 at build time; the plain C loops are the reference and the
+fallback. OpenMP resolves to the libgomp PyTorch already loaded: one thread pool for both.
+
+  sl_w8a8: int8 weights (one scale per output row) times activations quantized per row to int8
+           (each row on its own scale, as llama.cpp's q8_0 rounds blocks of activations), with
+           exact int32 accumulation (int16 pair products, no saturation), then rescaled in fp32.
+  sl_f16:  fp16 weights widened to fp32 in registers; fp32 activations and accumulation.
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define ROWS 4   /* activation rows per tile */
+#define MAX_M 64 /* rows per call at most */
+
+/* Quantize each of the M rows of x (M×K) to integers in [-128, 127]: row / absmax on the grid
+   that fbgemm's dynamic linear uses for inputs in [-1, 1] (scale 2/255, zero point 128), with its
+   fp32 operations in its order, so that a row gets the same integers here as through
+   `Int8Linear._w8a8`; scale[m] is the row's step, absmax · 2/255. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *scale) {
+    const float step = (float)(2.0 / 255.0), inv = 1.0f / step;
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * K;
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(r[k]));
+        scale[m] = amax * step;
+        for (int64_t k = 0; k < K; k++) {
+            float t = amax > 0.f ? nearbyintf((r[k] / amax) * inv) : 0.f;
+            q[m * K + k] = (int16_t)fminf(fmaxf(t, -128.f), 127.f);
+        }
+    }
+}
+
+/* IEEE half → float, for the loop tails and CPUs without F16C. */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13); /* inf, nan */
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign; /* ±0 */
+    } else { /* subnormal: value = man · 2⁻²⁴ */
+        float f = ldexpf((float)man, -24);
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* The vector operations of the dot products below, for AVX-512 or AVX2. */
+#if defined(__AVX512BW__)
+#define VEC_I8 32
+typedef __m512i acc_i8;
+#define LOAD_W_I8(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define LOAD_X_I8(p) _mm512_loadu_si512((const void *)(p))
+#define ZERO_I8() _mm512_setzero_si512()
+#define SUM_I8(v) _mm512_reduce_add_epi32(v)
+#if defined(__AVX512VNNI__)
+#define MADD_I8(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#else
+#define MADD_I8(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
+#elif defined(__AVX2__)
+#define VEC_I8 16
+typedef __m256i acc_i8;
+#define LOAD_W_I8(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
+#define LOAD_X_I8(p) _mm256_loadu_si256((const __m256i *)(p))
+#define ZERO_I8() _mm256_setzero_si256()
+#define MADD_I8(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+static inline int32_t SUM_I8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_hadd_epi32(s, s);
+    s = _mm_hadd_epi32(s, s);
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
+#if defined(__AVX512F__)
+#define VEC_F16 16
+typedef __m512 acc_f16;
+#define LOAD_W_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define LOAD_X_F16(p) _mm512_loadu_ps(p)
+#define ZERO_F16() _mm512_setzero_ps()
+#define MADD_F16(acc, a, b) _mm512_fmadd_ps(a, b, acc)
+#define SUM_F16(v) _mm512_reduce_add_ps(v)
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define VEC_F16 8
+typedef __m256 acc_f16;
+#define LOAD_W_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define LOAD_X_F16(p) _mm256_loadu_ps(p)
+#define ZERO_F16() _mm256_setzero_ps()
+#define MADD_F16(acc, a, b) _mm256_fmadd_ps(a, b, acc)
+static inline float SUM_F16(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* dot[j] = Σ_k x_j[k] · w[k] for one weight row w and NR activation rows x_j (the vector loop
+   where the CPU has one, then the scalar tail). One function per NR, so that the loop over j
+   unrolls and the NR accumulators stay in registers; each weight vector is loaded (and widened)
+   once for the NR rows. */
+#define DOT_BODY(NR, VEC, ACC, ZERO, LOADW, LOADX, MADD, SUM, WIDEN)                          \
+    int64_t k = 0;                                                                           \
+    ACC acc[NR];                                                                             \
+    for (int j = 0; j < NR; j++) acc[j] = ZERO();                                            \
+    for (; k + VEC <= K; k += VEC) {                                                         \
+        ACC wv = LOADW(w + k);                                                               \
+        for (int j = 0; j < NR; j++) acc[j] = MADD(acc[j], LOADX(x[j] + k), wv);             \
+    }                                                                                        \
+    for (int j = 0; j < NR; j++) dot[j] = SUM(acc[j]);                                       \
+    for (; k < K; k++)                                                                       \
+        for (int j = 0; j < NR; j++) dot[j] += x[j][k] * WIDEN(w[k]);
+
+#define SCALAR_BODY(NR, ZERO, WIDEN)                                                         \
+    for (int j = 0; j < NR; j++) dot[j] = ZERO;                                              \
+    for (int64_t k = 0; k < K; k++)                                                          \
+        for (int j = 0; j < NR; j++) dot[j] += x[j][k] * WIDEN(w[k]);
+
+#define AS_INT(v) ((int32_t)(v))
+#ifdef VEC_I8
+#define DOT_I8(NR) DOT_BODY(NR, VEC_I8, acc_i8, ZERO_I8, LOAD_W_I8, LOAD_X_I8, MADD_I8, SUM_I8, AS_INT)
+#else
+#define DOT_I8(NR) SCALAR_BODY(NR, 0, AS_INT)
+#endif
+#ifdef VEC_F16
+#define DOT_F16(NR)                                                                          \
+    DOT_BODY(NR, VEC_F16, acc_f16, ZERO_F16, LOAD_W_F16, LOAD_X_F16, MADD_F16, SUM_F16, half_to_float)
+#else
+#define DOT_F16(NR) SCALAR_BODY(NR, 0.f, half_to_float)
+#endif
+
+#define DEFINE_DOTS(NR)                                                                      \
+    static void dot_i8_##NR(const int16_t *const *x, const int8_t *w, int64_t K, int32_t *dot) { \
+        DOT_I8(NR)                                                                           \
+    }                                                                                        \
+    static void dot_f16_##NR(const float *const *x, const uint16_t *w, int64_t K, float *dot) { \
+        DOT_F16(NR)                                                                          \
+    }
+DEFINE_DOTS(1)
+DEFINE_DOTS(2)
+DEFINE_DOTS(3)
+DEFINE_DOTS(4)
+
+typedef void (*dot_i8_fn)(const int16_t *const *, const int8_t *, int64_t, int32_t *);
+typedef void (*dot_f16_fn)(const float *const *, const uint16_t *, int64_t, float *);
+static const dot_i8_fn DOTS_I8[ROWS] = {dot_i8_1, dot_i8_2, dot_i8_3, dot_i8_4};
+static const dot_f16_fn DOTS_F16[ROWS] = {dot_f16_1, dot_f16_2, dot_f16_3, dot_f16_4};
+
+/* y[m, n] for every output row n (split over the threads in contiguous ranges: one sequential
+   stream of weights per core) and every activation row m, ROWS rows at a time. One weight row is
+   a few kB, so it stays in L1 while the groups of rows pass over it. */
+#define FOR_ROWS(DOTS, XROWS, XT, DT, FINISH)                                                \
+    _Pragma("omp parallel for schedule(static)")                                            \
+    for (int64_t n = 0; n < N; n++) {                                                        \
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {                                           \
+            int nr = M - m0 < ROWS ? (int)(M - m0) : ROWS;                                   \
+            const XT *rows[ROWS];                                                            \
+            DT dot[ROWS];                                                                    \
+            for (int j = 0; j < nr; j++) rows[j] = XROWS + (m0 + j) * K;                    \
+            DOTS[nr - 1](rows, w + n * K, K, dot);                                           \
+            for (int j = 0; j < nr; j++) FINISH(n, m0 + j, dot[j]);                          \
+        }                                                                                    \
+    }
+
+void sl_w8a8(const float *x, int64_t M, int64_t K, const int8_t *w, const float *wscale,
+             const float *bias, int64_t N, float *y) {
+    float xscale[MAX_M];
+    if (M > MAX_M) return; /* the Python side sends at most MAX_ROWS (≤ MAX_M) rows */
+    int16_t *q = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
+    if (q == NULL) return;
+    quantize_rows(x, M, K, q, xscale);
+#define FINISH_I8(n, m, d) y[(m) * N + (n)] = (float)(d) * xscale[m] * wscale[n] + (bias ? bias[n] : 0.f)
+    FOR_ROWS(DOTS_I8, q, int16_t, int32_t, FINISH_I8)
+    free(q);
+}
+
+void sl_f16(const float *x, int64_t M, int64_t K, const uint16_t *w, const float *bias, int64_t N,
+            float *y) {
+#define FINISH_F16(n, m, d) y[(m) * N + (n)] = (d) + (bias ? bias[n] : 0.f)
+    FOR_ROWS(DOTS_F16, x, float, float, FINISH_F16)
+}

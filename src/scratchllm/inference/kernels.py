@@ -1,0 +1,173 @@
+"""Our CPU matrix-vector kernels (kernels.c), built on first use with the machine's C compiler.
+
+A decode step is a few rows times every weight matrix; PyTorch's kernels for int8 and fp16
+weights (fbgemm's) are built for larger batches and, on the Zen 4 machine of docs/serving.md,
+streamed gpt2-small's int8 weights at about 21 GB/s at batch 1, with a few small ops per layer
+around them to scale the activations. kernels.c does the whole layer in one call: it quantizes
+the rows, streams each weight row once for all of them, and rescales. `w8a8_linear` and
+`f16_linear` are used by `Int8Linear` and `Fp16Linear` for decode-sized inputs (`MAX_ROWS`).
+
+The library is compiled once per source version and CPU (`-O3 -march=native -fopenmp`) into
+`$SCRATCHLLM_CACHE` (default ~/.cache/scratchllm)/kernels and loaded with ctypes. Without a C
+compiler, or with SCRATCHLLM_KERNELS=0, `available()` is False and the layers use PyTorch's
+kernels, as before: the kernels are a speed-up, never a requirement. SCRATCHLLM_KERNEL_CFLAGS adds
+compiler flags (the tests build `-march=haswell` and `-march=x86-64` to check the AVX2 and plain
+C paths on an AVX-512 machine).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# Rows per call up to which the kernels are used. Each weight row is read once for all the rows,
+# but the multiply-adds per row are not blocked as a GEMM's: on the Zen 4 machine of
+# docs/serving.md, gpt2-small's linears took 5.9 / 11.6 ms (int8 / fp16) at 2 rows against
+# fbgemm's 10.7 / 12.8, and 11.3 / 15.4 at 4 rows against 9.4 / 10.4.
+MAX_ROWS = 2
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SCRATCHLLM_CACHE") or Path.home() / ".cache" / "scratchllm"
+    return Path(root) / "kernels"
+
+
+def _cpu_key() -> str:
+    from scratchllm.train.throughput import read_cpu_info
+
+    info = read_cpu_info()
+    return "unknown" if info is None else " ".join(sorted(info.flags))
+
+
+def _build(compiler: str) -> Path:
+    """Compile kernels.c for this CPU (once: the file name hashes source, flags and CPU)."""
+    flags = _FLAGS + shlex.split(os.environ.get("SCRATCHLLM_KERNEL_CFLAGS", ""))
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), " ".join(flags), compiler, _cpu_key()]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / f"kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename: a concurrent process never loads half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("built CPU decode kernels: %s", out)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("SCRATCHLLM_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler: CPU decoding uses PyTorch's int8/fp16 kernels")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+        log.warning("CPU decode kernels unavailable, using PyTorch's: %s", err)
+        return None
+    lib.sl_w8a8.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P]
+    lib.sl_f16.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+    lib.sl_w8a8.restype = lib.sl_f16.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (x86 or any CPU with a C compiler)."""
+    return _library() is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether an input of this shape and device goes through the kernels."""
+    k = x.shape[-1]
+    return x.device.type == "cpu" and 0 < x.numel() <= MAX_ROWS * k and available()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    return x
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def w8a8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x Wᵀ + b for W = weight (int8, out × in) · scales (per output row), with each row of x
+    rounded to int8 on its own scale (absmax · 2/255: the integers `Int8Linear`'s fbgemm path
+    gives the row). Returns fp32 (…, out). `weight`, `scales`
+    and `bias` must be contiguous, `scales` and `bias` fp32 (the layers keep them so)."""
+    lib = _library()
+    assert lib is not None, "kernels unavailable: check available() first"
+    n, k = weight.shape
+    x = _rows(x)
+    y = x.new_empty(*x.shape[:-1], n)
+    lib.sl_w8a8(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), scales.data_ptr(),
+                _ptr(bias), n, y.data_ptr())  # fmt: skip
+    return y
+
+
+def f16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b with W fp16 (out × in, contiguous), fp32 arithmetic and bias. Returns fp32."""
+    lib = _library()
+    assert lib is not None, "kernels unavailable: check available() first"
+    n, k = weight.shape
+    x = _rows(x)
+    y = x.new_empty(*x.shape[:-1], n)
+    lib.sl_f16(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), _ptr(bias), n, y.data_ptr())
+    return y
+
+
+_HUGE = 2 << 20  # bytes in an x86 transparent huge page
+_MADV_COLLAPSE = 25  # Linux ≥ 6.1
+
+
+def use_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back the 2 MiB-aligned interior of `t` with huge pages (MADV_COLLAPSE).
+
+    A decode step streams every weight once, and the hardware prefetcher stops at each 4 KiB
+    page; with 2 MiB pages the streams run on. On the Zen 4 machine of docs/serving.md,
+    gpt2-small's int8 linears took 4.5 ms per batch-1 step instead of 5.2 (27.6 against
+    23.7 GB/s; 9 alternating rounds). False where the kernel refuses (no THP, not Linux, too
+    small), and nothing changes."""
+    if t.device.type != "cpu" or t.nbytes < 2 * _HUGE or not hasattr(os, "sched_getaffinity"):
+        return False
+    start = -(-t.data_ptr() // _HUGE) * _HUGE
+    end = (t.data_ptr() + t.nbytes) // _HUGE * _HUGE
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise(start, end - start, _MADV_COLLAPSE) == 0
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,165 @@
+"""Our CPU decode kernels (inference/kernels.c) against exact arithmetic, and their fallback."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from scratchllm.inference import kernels
+from scratchllm.inference.weights import Fp16Linear, Int8Linear, dynamic_int8_available
+
+# (rows, in, out): a gpt2-small layer, a head-like wide output, and widths that leave a tail
+# after the 32-, 16- and 8-wide vector loops.
+SHAPES = [(1, 768, 2304), (8, 768, 300), (3, 100, 37), (5, 33, 7), (16, 48, 9), (2, 7, 3)]
+
+
+def _cpu_has(*flags: str) -> bool:
+    from scratchllm.train.throughput import read_cpu_info
+
+    info = read_cpu_info()
+    return info is not None and all(f in info.flags for f in flags)
+
+
+# The paths kernels.c has: what this CPU builds natively (AVX-512 here, or AVX2), AVX2, plain C.
+ISAS = {"native": "", "avx2": "-march=haswell", "plain": "-march=x86-64"}
+
+
+@pytest.fixture(params=list(ISAS))
+def built(request, monkeypatch):
+    """The kernels built for each path this CPU can run, once per machine into the cache; a
+    missing compiler skips, a failed build fails."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the layers use PyTorch's kernels")
+    if request.param == "avx2" and not _cpu_has("avx2", "fma", "f16c"):
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("SCRATCHLLM_KERNELS", "1")
+    monkeypatch.setenv("SCRATCHLLM_KERNEL_CFLAGS", ISAS[request.param])
+    kernels._library.cache_clear()
+    yield
+    kernels._library.cache_clear()
+
+
+def _inputs(m: int, k: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[0, : min(k, 4)] *= 20  # an outlier sets the row's scale, as in real activations
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(n, generator=g)
+    return x, w, scales, bias
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_w8a8_is_exact_integer_arithmetic(built, shape, with_bias):
+    """Each row rounded to integers on the grid absmax · 2/255 (half to even, clamped to
+    [-128, 127]), then an exact integer dot product and fp32 rescaling: only the final fp32
+    products and the bias add round."""
+    assert kernels.available()
+    x, w, scales, bias = _inputs(*shape)
+    bias = bias if with_bias else None
+    y = kernels.w8a8_linear(x, w, scales, bias)
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    step = torch.tensor(2.0 / 255.0, dtype=torch.float32)
+    q = torch.round(x / absmax * (1 / step)).clamp(-128, 127).to(torch.int64)
+    assert (q.abs().amax(dim=1) >= 127).all() and q.min() >= -128  # the absmax at an end
+    exact = (q @ w.to(torch.int64).T).double() * (absmax * step).double() * scales.double()
+    if bias is not None:
+        exact = exact + bias.double()
+    assert y.shape == (shape[0], shape[2]) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not dynamic_int8_available(), reason="no fbgemm dynamic int8 linear")
+def test_w8a8_gives_the_integers_of_the_fbgemm_path(built):
+    """The kernel (decode rows) and fbgemm (`Int8Linear._w8a8`: prefill, larger batches) round
+    a row to the same integers, so a request's tokens do not depend on which one served it;
+    the outputs differ only by fp32 rounding of the rescaling."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(768, 300))
+    x = torch.randn(kernels.MAX_ROWS, 768) * torch.logspace(-2, 1, kernels.MAX_ROWS)[:, None]
+    with torch.no_grad():
+        ours = kernels.w8a8_linear(x, *layer._kernel_operands())
+        theirs = layer._w8a8(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+
+
+def test_w8a8_row_is_independent_of_the_batch(built):
+    """A request decodes the same whatever else is in the batch: bit for bit."""
+    x, w, scales, bias = _inputs(8, 768, 257)  # 8 rows: more than the layers send, still right
+    together = kernels.w8a8_linear(x, w, scales, bias)
+    for i in range(8):
+        alone = kernels.w8a8_linear(x[i : i + 1], w, scales, bias)
+        assert torch.equal(alone[0], together[i])
+
+
+def test_w8a8_zero_row(built):
+    x, w, scales, bias = _inputs(2, 64, 5)
+    x[1] = 0
+    y = kernels.w8a8_linear(x, w, scales, bias)
+    torch.testing.assert_close(y[1], bias)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_f16_matches_float64_of_the_rounded_weight(built, shape):
+    m, k, n = shape
+    x, _, _, bias = _inputs(m, k, n)
+    w = (torch.randn(n, k) * 0.05).half()
+    w[0, 0] = 6e-6  # a subnormal in fp16: the tail's own conversion must get it right
+    y = kernels.f16_linear(x, w, bias)
+    exact = x.double() @ w.double().T + bias.double()
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernels.f16_linear(x, w, None).double(), exact - bias.double(),
+                               rtol=1e-5, atol=1e-4)  # fmt: skip
+
+
+def test_layers_take_the_kernels_for_decode_rows_only(built, monkeypatch):
+    """Int8Linear/Fp16Linear route up to MAX_ROWS rows to the kernels, longer inputs to PyTorch,
+    and both give the same layer (within the int8 grid's rounding for W8A8)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    q8, q16 = Int8Linear.from_linear(linear), Fp16Linear(linear)
+    assert q16.weight_half is not None and "scratchllm kernels" in repr(q16)
+    calls = []
+    for name in ("w8a8_linear", "f16_linear"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a)
+        )
+    x = torch.randn(2, kernels.MAX_ROWS + 1, 96)
+    with torch.no_grad():
+        long8, long16 = q8(x), q16(x)  # 34 rows: PyTorch's kernels
+        assert calls == []
+        short8 = torch.cat([q8(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
+        short16 = torch.cat([q16(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
+    assert calls.count("w8a8_linear") == calls.count("f16_linear") == x.shape[1]
+    torch.testing.assert_close(short16, long16, rtol=1e-5, atol=1e-5)
+    ref = linear(x).detach()
+    scale = ref.abs().max()
+    assert (short8 - ref).abs().max() < 0.02 * scale
+    assert (short8 - long8).abs().max() < 0.02 * scale
+
+
+def test_no_kernels_falls_back(monkeypatch, tmp_path):
+    """SCRATCHLLM_KERNELS=0 or a compiler that fails: PyTorch's kernels, same layer results."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    x = torch.randn(1, 64)
+    for env in ({"SCRATCHLLM_KERNELS": "0"}, {"CC": "false"}):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("SCRATCHLLM_CACHE", str(tmp_path))
+        kernels._library.cache_clear()
+        assert not kernels.available() and not kernels.usable(x)
+        q16 = Fp16Linear(linear)
+        assert q16.weight_half is None and "fbgemm" in repr(q16)
+        with torch.no_grad():
+            y = q16(x)
+            y8 = Int8Linear.from_linear(linear)(x)
+        torch.testing.assert_close(y, linear(x).detach(), rtol=1e-3, atol=1e-3)
+        assert (y8 - y).abs().max() < 0.05 * y.abs().max()
+        monkeypatch.undo()
+    kernels._library.cache_clear()
