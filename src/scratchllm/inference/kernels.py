@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,42 +112,57 @@ def usable(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and 0 < x.numel() <= MAX_ROWS * k and available()
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != torch.float32 or not x.is_contiguous():
-        x = x.to(torch.float32).contiguous()
-    return x
+class BoundLinear:
+    """One layer bound to a kernel once (its pointers and sizes), so that a decode step's call
+    costs little more than the C call itself: `bound(x)` → x Wᵀ + b in fp32, shape (…, out).
+    Holds references to the tensors it points into; rebind after they change storage."""
+
+    __slots__ = ("_fn", "_tail", "_k", "_n", "_tensors")
+
+    def __init__(self, fn: Any, weight: torch.Tensor, extra: list[torch.Tensor | None]) -> None:
+        for t in (weight, *extra):
+            if t is not None and not (t.is_contiguous() and t.device.type == "cpu"):
+                raise ValueError("kernel operands must be contiguous CPU tensors")
+        self._n, self._k = weight.shape
+        self._fn = fn
+        ptrs = [None if t is None else t.data_ptr() for t in extra]
+        self._tail = (self._k, weight.data_ptr(), *ptrs, self._n)
+        self._tensors = (weight, *extra)  # keep the memory the pointers name alive
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        y = x.new_empty(*x.shape[:-1], self._n)
+        self._fn(x.data_ptr(), x.numel() // self._k, *self._tail, y.data_ptr())
+        return y
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def bind_w8a8(weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> BoundLinear:
+    """x Wᵀ + b for W = weight (int8, out × in) · scales (fp32, per output row), each row of x
+    rounded to integers on its own scale (absmax · 2/255: the integers `Int8Linear`'s fbgemm
+    path gives the row). `scales` and `bias` fp32; all contiguous."""
+    lib = _library()
+    assert lib is not None, "kernels unavailable: check available() first"
+    return BoundLinear(lib.sl_w8a8, weight, [scales, bias])
+
+
+def bind_f16(weight: torch.Tensor, bias: torch.Tensor | None) -> BoundLinear:
+    """x Wᵀ + b with W fp16 (out × in), fp32 bias, activations and accumulation."""
+    lib = _library()
+    assert lib is not None, "kernels unavailable: check available() first"
+    return BoundLinear(lib.sl_f16, weight, [bias])
 
 
 def w8a8_linear(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x Wᵀ + b for W = weight (int8, out × in) · scales (per output row), with each row of x
-    rounded to int8 on its own scale (absmax · 2/255: the integers `Int8Linear`'s fbgemm path
-    gives the row). Returns fp32 (…, out). `weight`, `scales`
-    and `bias` must be contiguous, `scales` and `bias` fp32 (the layers keep them so)."""
-    lib = _library()
-    assert lib is not None, "kernels unavailable: check available() first"
-    n, k = weight.shape
-    x = _rows(x)
-    y = x.new_empty(*x.shape[:-1], n)
-    lib.sl_w8a8(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), scales.data_ptr(),
-                _ptr(bias), n, y.data_ptr())  # fmt: skip
-    return y
+    """`bind_w8a8(weight, scales, bias)(x)`, for one call."""
+    return bind_w8a8(weight, scales, bias)(x)
 
 
 def f16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x Wᵀ + b with W fp16 (out × in, contiguous), fp32 arithmetic and bias. Returns fp32."""
-    lib = _library()
-    assert lib is not None, "kernels unavailable: check available() first"
-    n, k = weight.shape
-    x = _rows(x)
-    y = x.new_empty(*x.shape[:-1], n)
-    lib.sl_f16(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), _ptr(bias), n, y.data_ptr())
-    return y
+    """`bind_f16(weight, bias)(x)`, for one call."""
+    return bind_f16(weight, bias)(x)
 
 
 _HUGE = 2 << 20  # bytes in an x86 transparent huge page

@@ -112,7 +112,7 @@ class Int8Linear(nn.Module):
         self.out_features = out_features
         self.activations = activations
         self._packed: tuple[tuple, torch.ScriptObject] | None = None  # fbgemm's, not state
-        self._operands: tuple[tuple, tuple] | None = None  # our kernel's, not state
+        self._bound: tuple[tuple, kernels.BoundLinear] | None = None  # our kernel's, not state
         self.register_buffer(
             "weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
@@ -177,19 +177,20 @@ class Int8Linear(nn.Module):
         row[0, :2] = torch.tensor([1.0, -1.0])
         return row
 
-    def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The int8 weight and the fp32 scales and bias as our kernel takes them: built on first
-        use and again whenever one changes (a load, an edit in place)."""
+    def _kernel(self) -> kernels.BoundLinear:
+        """This layer bound to our W8A8 kernel (fp32 scales and bias): built on first use and
+        again whenever a tensor changes (a load, an edit in place)."""
         w, s, b = self._buffers["weight_int8"], self._buffers["scales"], self.bias
         key = (w.data_ptr(), w._version, s.data_ptr(), s._version)
         if b is not None:
             key += (b.data_ptr(), b._version)
-        if self._operands is None or self._operands[0] != key:
-            weight = self.weight_int8.contiguous()
+        if self._bound is None or self._bound[0] != key:
+            weight = w.contiguous()
             kernels.use_huge_pages(weight)
-            bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            self._operands = (key, (weight, self.scales.float().contiguous(), bias))
-        return self._operands[1]
+            bias = None if b is None else b.detach().float().contiguous()
+            bound = kernels.bind_w8a8(weight, s.float().contiguous(), bias)
+            self._bound = (key, bound)
+        return self._bound[1]
 
     def _dynamic_params(self) -> torch.ScriptObject:
         """The weight packed for fbgemm's W8A8 kernel: built on first use and again whenever
@@ -209,7 +210,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "dynamic" and kernels.usable(x):  # a decode step: one call
-            y = kernels.w8a8_linear(x, *self._kernel_operands())
+            y = self._kernel()(x)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
@@ -326,11 +327,12 @@ class PackedLinear(nn.Module):
 class Fp16Linear(nn.Module):
     """y = x Wᵀ + b with W rounded to fp16; fp32 arithmetic (CPU, inference).
 
-    With our kernels (`kernels.available()`) the weight is kept as a plain fp16 tensor: decode
-    steps go through `kernels.f16_linear`, longer inputs (a prefill) through `F.linear` on the
-    weight widened to fp32. Otherwise the weight and bias live in an opaque fbgemm object.
-    Neither is in `state_dict`; `weight_fp32()` returns the stored weight for inspection. Inputs
-    of another dtype are computed in fp32 and cast back.
+    The weight and bias are packed by fbgemm (an opaque object) for inputs of several rows.
+    With our kernels (`kernels.available()`) the fp16 weight is also kept as a plain tensor and
+    decode steps of up to `kernels.MAX_ROWS` rows go through `kernels.f16_linear`: twice the
+    fp16 weight memory (as much as the fp32 layer), for the batch-1 speed of docs/serving.md.
+    Neither copy is in `state_dict`; `weight_fp32()` returns the stored weight for inspection.
+    Inputs of another dtype are computed in fp32 and cast back.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -340,34 +342,29 @@ class Fp16Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.has_bias = bias is not None
         weight = linear.weight.detach()
-        self.packed: torch.ScriptObject | None = None
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
         self.weight_half: torch.Tensor | None = None
-        self.bias_fp32 = bias
+        self._bound: kernels.BoundLinear | None = None
         if kernels.available():
             self.weight_half = weight.to(torch.float16).contiguous()
             kernels.use_huge_pages(self.weight_half)
-        else:
-            self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
+            self._bound = kernels.bind_f16(self.weight_half, bias)
 
     def weight_fp32(self) -> torch.Tensor:
         """The stored weight (its fp16 values, as fp32)."""
-        if self.weight_half is not None:
-            return self.weight_half.float()
         return torch.ops.quantized.linear_unpack_fp16(self.packed)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:  # neither kernel has a backward
             raise RuntimeError("Fp16Linear is inference-only; run under torch.no_grad()")
-        if self.weight_half is None:
-            y = torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed)
-        elif kernels.usable(x):
-            y = kernels.f16_linear(x, self.weight_half, self.bias_fp32)
+        if self._bound is not None and kernels.usable(x):
+            y = self._bound(x)
         else:
-            y = F.linear(x.float(), self.weight_half.float(), self.bias_fp32)
-        return y.to(x.dtype)
+            y = torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        kernel = "fbgemm" if self.weight_half is None else "scratchllm kernels"
+        kernel = "fbgemm" if self.weight_half is None else "fbgemm and scratchllm kernels"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.has_bias}, fp16 weights ({kernel})"
