@@ -58,6 +58,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import data_dir, write_result  # noqa: E402
 
+from scratchllm.inference import kernels as decode_kernels  # noqa: E402
+
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -554,6 +556,8 @@ def main() -> None:
             round(read_after / 1e9, 2),
         ],
         "logit_max_abs_diff_vs_transformers": parity,
+        # fp16/int8 rows of up to MAX_ROWS go through our C kernels when they could be built
+        "decode_kernels": {"ours": decode_kernels.available(), "max_rows": decode_kernels.MAX_ROWS},
         "results": results,
         "median_speedup_vs_transformers": statistics.median(
             r["speedup_vs_transformers"] for r in results

@@ -15,7 +15,7 @@ against 10-16 GB/s through `F.linear` (MKL's multi-threaded GEMV).
 **fp16 weights** (`quantize_fp16`, `--quantize fp16`): each linear's weight is stored in IEEE
 half precision (11-bit significand: relative rounding ≤ 2⁻¹¹, 8x finer than bf16) and packed by
 fbgemm, whose AVX2 kernel widens it to fp32 on the fly; activations, accumulation and the output
-stay fp32. Half the bytes of fp32, with logits within ~0.1% of fp32's; on the AVX2 machine
+stay fp32. Decode steps of one or two rows go through our kernel instead (`kernels.py`, below). Half the bytes of fp32, with logits within ~0.1% of fp32's; on the AVX2 machine
 above it decoded faster than weight-only int8, whose kernel is compute-bound there.
 
 **int8** (`quantize_int8`, `--quantize int8`): every `nn.Linear` of the transformer blocks
@@ -32,6 +32,11 @@ machine of docs/serving.md it streamed gpt2-small's linears 1.6× (batch 1) and 
 faster than the weight-only kernel below, and a trained model's top-1 token agreed with fp32's
 as often (98.2% against 97.9%). Without AVX512-VNNI the weights get 7 bits instead of 8
 (`int8_weight_levels`), so that AVX2's int16 pair sums cannot saturate.
+
+Decode steps of up to `kernels.MAX_ROWS` rows (batch 1 and 2) go through our own C kernel
+(`kernels.py`, built on first use where there is a C compiler): it rounds each row to the same
+integers as the fbgemm path and streams each int8 weight row once, with no ops around the call;
+fbgemm, a GEMM, is faster for more rows and serves them and prefills.
 
 Elsewhere (`activations="weight"`, or no fbgemm) the int8 weights are used weight-only through
 `torch.ops.aten._weight_int8pack_mm`, which accumulates in fp32. On the AVX2 CPU this was
