@@ -80,7 +80,8 @@ def test_w8a8_gives_the_integers_of_the_fbgemm_path(built):
     the outputs differ only by fp32 rounding of the rescaling."""
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(nn.Linear(768, 300))
-    x = torch.randn(kernels.MAX_ROWS, 768) * torch.logspace(-2, 1, kernels.MAX_ROWS)[:, None]
+    rows = kernels.max_rows("int8")
+    x = torch.randn(rows, 768) * torch.logspace(-2, 1, rows)[:, None]
     with torch.no_grad():
         ours = layer._kernel()(x)
         theirs = layer._w8a8(x)
@@ -117,8 +118,8 @@ def test_f16_matches_float64_of_the_rounded_weight(built, shape):
 
 
 def test_layers_take_the_kernels_for_decode_rows_only(built, monkeypatch):
-    """Int8Linear/Fp16Linear route up to MAX_ROWS rows to the kernels, longer inputs to PyTorch,
-    and both give the same layer (within the int8 grid's rounding for W8A8)."""
+    """Int8Linear/Fp16Linear send up to `max_rows` rows to the kernels and longer inputs to
+    PyTorch's, and both give the same layer: the same integers for W8A8, fp32 sums for fp16."""
     torch.manual_seed(0)
     linear = nn.Linear(96, 40)
     q8, q16 = Int8Linear.from_linear(linear), Fp16Linear(linear)
@@ -126,18 +127,18 @@ def test_layers_take_the_kernels_for_decode_rows_only(built, monkeypatch):
     calls = []
     real = kernels.BoundLinear.__call__
     monkeypatch.setattr(kernels.BoundLinear, "__call__", lambda b, x: calls.append(1) or real(b, x))
-    x = torch.randn(2, kernels.MAX_ROWS + 1, 96)
+    long_rows = max(kernels.max_rows("int8"), kernels.max_rows("fp16")) + 1
+    x = torch.randn(2, long_rows, 96)
     with torch.no_grad():
-        long8, long16 = q8(x), q16(x)  # 34 rows: PyTorch's kernels
+        long8, long16 = q8(x), q16(x)  # PyTorch's kernels
         assert calls == []
-        short8 = torch.cat([q8(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
-        short16 = torch.cat([q16(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
-    assert len(calls) == 2 * x.shape[1]  # each row alone, through both layers
+        short8 = torch.cat([q8(x[:, i : i + 1]) for i in range(long_rows)], dim=1)
+        short16 = torch.cat([q16(x[:, i : i + 1]) for i in range(long_rows)], dim=1)
+    assert len(calls) == 2 * long_rows  # two rows a call, through both layers
     torch.testing.assert_close(short16, long16, rtol=1e-5, atol=1e-5)
-    ref = linear(x).detach()
-    scale = ref.abs().max()
-    assert (short8 - ref).abs().max() < 0.02 * scale
-    assert (short8 - long8).abs().max() < 0.02 * scale
+    scale = linear(x).detach().abs().max()
+    torch.testing.assert_close(short8, long8, rtol=1e-4, atol=1e-5 * scale)
+    assert (short8 - linear(x)).abs().max() < 0.02 * scale  # and W8A8 is the layer
 
 
 def test_no_kernels_falls_back(monkeypatch, tmp_path):
@@ -150,7 +151,7 @@ def test_no_kernels_falls_back(monkeypatch, tmp_path):
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("SCRATCHLLM_CACHE", str(tmp_path))
         kernels._library.cache_clear()
-        assert not kernels.available() and not kernels.usable(x)
+        assert not kernels.available() and not kernels.usable(x, "int8")
         q16 = Fp16Linear(linear)
         assert q16.weight_half is None and "fbgemm" in repr(q16)
         with torch.no_grad():

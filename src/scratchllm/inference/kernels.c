@@ -27,20 +27,45 @@ fallback. OpenMP resolves to the libgomp PyTorch already loaded: one thread pool
 #define ROWS 4   /* activation rows per tile */
 #define MAX_M 64 /* rows per call at most */
 
+/* The int8 activations as the dot products read them: with AVX512-VNNI as unsigned bytes q + 128
+   (`vpdpbusd` multiplies unsigned by signed bytes; the 128 · Σw it adds is taken off after),
+   elsewhere as int16 (`vpmaddwd` pairs, which cannot saturate). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define VNNI_U8 1
+typedef uint8_t xq_t;
+#define XQ_OFFSET 128
+#else
+typedef int16_t xq_t;
+#define XQ_OFFSET 0
+#endif
+
 /* Quantize each of the M rows of x (M×K) to integers in [-128, 127]: row / absmax on the grid
    that fbgemm's dynamic linear uses for inputs in [-1, 1] (scale 2/255, zero point 128), with its
    fp32 operations in its order, so that a row gets the same integers here as through
    `Int8Linear._w8a8`; scale[m] is the row's step, absmax · 2/255. */
-static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *scale) {
+static void quantize_rows(const float *x, int64_t M, int64_t K, xq_t *q, float *scale) {
     const float step = (float)(2.0 / 255.0), inv = 1.0f / step;
     for (int64_t m = 0; m < M; m++) {
         const float *r = x + m * K;
+        xq_t *out = q + m * K;
         float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(r[k]));
-        scale[m] = amax * step;
+        /* Plain comparisons, not fmaxf/fminf (library calls without -ffast-math): the loops
+           vectorize, which matters with several rows (a serial pass before the parallel one). */
+#pragma omp simd reduction(max : amax)
         for (int64_t k = 0; k < K; k++) {
-            float t = amax > 0.f ? nearbyintf((r[k] / amax) * inv) : 0.f;
-            q[m * K + k] = (int16_t)fminf(fmaxf(t, -128.f), 127.f);
+            float a = fabsf(r[k]);
+            amax = a > amax ? a : amax;
+        }
+        scale[m] = amax * step;
+        if (!(amax > 0.f)) { /* an all-zero row */
+            for (int64_t k = 0; k < K; k++) out[k] = (xq_t)XQ_OFFSET;
+            continue;
+        }
+#pragma omp simd
+        for (int64_t k = 0; k < K; k++) {
+            float t = nearbyintf((r[k] / amax) * inv);
+            t = t < -128.f ? -128.f : (t > 127.f ? 127.f : t);
+            out[k] = (xq_t)((int32_t)t + XQ_OFFSET);
         }
     }
 }
@@ -135,8 +160,28 @@ static inline float SUM_F16(__m256 v) {
     for (int64_t k = 0; k < K; k++)                                                          \
         for (int j = 0; j < NR; j++) dot[j] += x[j][k] * WIDEN(w[k]);
 
+/* With VNNI: 64 unsigned-activation × signed-weight byte products per instruction; the weight
+   row's sum (one more `vpdpbusd` against ones, shared by the NR rows) removes the offset. */
+#define DOT_I8_VNNI(NR)                                                                      \
+    int64_t k = 0;                                                                           \
+    __m512i acc[NR], wsum = _mm512_setzero_si512();                                          \
+    const __m512i ones = _mm512_set1_epi8(1);                                                \
+    for (int j = 0; j < NR; j++) acc[j] = _mm512_setzero_si512();                            \
+    for (; k + 64 <= K; k += 64) {                                                           \
+        __m512i wv = _mm512_loadu_si512((const void *)(w + k));                              \
+        wsum = _mm512_dpbusd_epi32(wsum, ones, wv);                                          \
+        for (int j = 0; j < NR; j++)                                                         \
+            acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512((const void *)(x[j] + k)), wv); \
+    }                                                                                        \
+    int32_t offset = XQ_OFFSET * _mm512_reduce_add_epi32(wsum);                              \
+    for (int j = 0; j < NR; j++) dot[j] = _mm512_reduce_add_epi32(acc[j]) - offset;         \
+    for (; k < K; k++)                                                                       \
+        for (int j = 0; j < NR; j++) dot[j] += ((int32_t)x[j][k] - XQ_OFFSET) * (int32_t)w[k];
+
 #define AS_INT(v) ((int32_t)(v))
-#ifdef VEC_I8
+#if defined(VNNI_U8)
+#define DOT_I8(NR) DOT_I8_VNNI(NR)
+#elif defined(VEC_I8)
 #define DOT_I8(NR) DOT_BODY(NR, VEC_I8, acc_i8, ZERO_I8, LOAD_W_I8, LOAD_X_I8, MADD_I8, SUM_I8, AS_INT)
 #else
 #define DOT_I8(NR) SCALAR_BODY(NR, 0, AS_INT)
@@ -149,7 +194,7 @@ static inline float SUM_F16(__m256 v) {
 #endif
 
 #define DEFINE_DOTS(NR)                                                                      \
-    static void dot_i8_##NR(const int16_t *const *x, const int8_t *w, int64_t K, int32_t *dot) { \
+    static void dot_i8_##NR(const xq_t *const *x, const int8_t *w, int64_t K, int32_t *dot) { \
         DOT_I8(NR)                                                                           \
     }                                                                                        \
     static void dot_f16_##NR(const float *const *x, const uint16_t *w, int64_t K, float *dot) { \
@@ -160,7 +205,7 @@ DEFINE_DOTS(2)
 DEFINE_DOTS(3)
 DEFINE_DOTS(4)
 
-typedef void (*dot_i8_fn)(const int16_t *const *, const int8_t *, int64_t, int32_t *);
+typedef void (*dot_i8_fn)(const xq_t *const *, const int8_t *, int64_t, int32_t *);
 typedef void (*dot_f16_fn)(const float *const *, const uint16_t *, int64_t, float *);
 static const dot_i8_fn DOTS_I8[ROWS] = {dot_i8_1, dot_i8_2, dot_i8_3, dot_i8_4};
 static const dot_f16_fn DOTS_F16[ROWS] = {dot_f16_1, dot_f16_2, dot_f16_3, dot_f16_4};
@@ -185,11 +230,11 @@ void sl_w8a8(const float *x, int64_t M, int64_t K, const int8_t *w, const float 
              const float *bias, int64_t N, float *y) {
     float xscale[MAX_M];
     if (M > MAX_M) return; /* the Python side sends at most MAX_ROWS (≤ MAX_M) rows */
-    int16_t *q = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
+    xq_t *q = (xq_t *)malloc((size_t)(M * K) * sizeof(xq_t));
     if (q == NULL) return;
     quantize_rows(x, M, K, q, xscale);
 #define FINISH_I8(n, m, d) y[(m) * N + (n)] = (float)(d) * xscale[m] * wscale[n] + (bias ? bias[n] : 0.f)
-    FOR_ROWS(DOTS_I8, q, int16_t, int32_t, FINISH_I8)
+    FOR_ROWS(DOTS_I8, q, xq_t, int32_t, FINISH_I8)
     free(q);
 }
 
@@ -197,4 +242,13 @@ void sl_f16(const float *x, int64_t M, int64_t K, const uint16_t *w, const float
             float *y) {
 #define FINISH_F16(n, m, d) y[(m) * N + (n)] = (d) + (bias ? bias[n] : 0.f)
     FOR_ROWS(DOTS_F16, x, float, float, FINISH_F16)
+}
+
+/* Whether sl_w8a8 multiplies bytes with AVX512-VNNI (the Python side sends it more rows then). */
+int sl_w8a8_vnni(void) {
+#if defined(VNNI_U8)
+    return 1;
+#else
+    return 0;
+#endif
 }

@@ -5,7 +5,7 @@ weights (fbgemm's) are built for larger batches and, on the Zen 4 machine of doc
 streamed gpt2-small's int8 weights at about 21 GB/s at batch 1, with a few small ops per layer
 around them to scale the activations. kernels.c does the whole layer in one call: it quantizes
 the rows, streams each weight row once for all of them, and rescales. `w8a8_linear` and
-`f16_linear` are used by `Int8Linear` and `Fp16Linear` for decode-sized inputs (`MAX_ROWS`).
+`f16_linear` are used by `Int8Linear` and `Fp16Linear` for decode-sized inputs (`max_rows`).
 
 The library is compiled once per source version and CPU (`-O3 -march=native -fopenmp`) into
 `$SCRATCHLLM_CACHE` (default ~/.cache/scratchllm)/kernels and loaded with ctypes. Without a C
@@ -34,11 +34,14 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-# Rows per call up to which the kernels are used. Each weight row is read once for all the rows,
-# but the multiply-adds per row are not blocked as a GEMM's: on the Zen 4 machine of
-# docs/serving.md, gpt2-small's linears took 5.9 / 11.6 ms (int8 / fp16) at 2 rows against
-# fbgemm's 10.7 / 12.8, and 11.3 / 15.4 at 4 rows against 9.4 / 10.4.
+# Rows per call up to which the kernels are used (`max_rows`); more go to fbgemm's GEMMs. Each
+# weight row is read once for all the rows, but the multiply-adds are not blocked as a GEMM's: on
+# the Zen 4 machine of docs/serving.md, gpt2-small's linears took 5.9 / 11.6 ms (int8 with int16
+# products / fp16) at 2 rows against fbgemm's 10.7 / 12.8, and 11.3 / 15.4 at 4 rows against 9.4 /
+# 10.4. With AVX512-VNNI the int8 kernel multiplies 64 bytes an instruction: 5.0 / 6.8 / 10.3 /
+# 17.3 ms at 1 / 4 / 8 / 16 rows against fbgemm's 9.7 / 11.3 / 12.1 / 17.6, so it keeps 8.
 MAX_ROWS = 2
+INT8_VNNI_MAX_ROWS = 8
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -98,6 +101,8 @@ def _library() -> ctypes.CDLL | None:
     lib.sl_w8a8.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P]
     lib.sl_f16.argtypes = [_P, _I, _I, _P, _P, _I, _P]
     lib.sl_w8a8.restype = lib.sl_f16.restype = None
+    lib.sl_w8a8_vnni.restype = ctypes.c_int
+    lib.vnni = bool(lib.sl_w8a8_vnni())
     return lib
 
 
@@ -106,10 +111,17 @@ def available() -> bool:
     return _library() is not None
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether an input of this shape and device goes through the kernels."""
-    k = x.shape[-1]
-    return x.device.type == "cpu" and 0 < x.numel() <= MAX_ROWS * k and available()
+def max_rows(kind: str) -> int:
+    """Rows per call that `kind` ("int8" or "fp16") sends to our kernels (0: none built)."""
+    lib = _library()
+    if lib is None:
+        return 0
+    return INT8_VNNI_MAX_ROWS if kind == "int8" and lib.vnni else MAX_ROWS
+
+
+def usable(x: torch.Tensor, kind: str) -> bool:
+    """Whether an input of this shape and device goes through the `kind` kernel."""
+    return x.device.type == "cpu" and 0 < x.numel() <= max_rows(kind) * x.shape[-1]
 
 
 class BoundLinear:

@@ -33,7 +33,7 @@ faster than the weight-only kernel below, and a trained model's top-1 token agre
 as often (98.2% against 97.9%). Without AVX512-VNNI the weights get 7 bits instead of 8
 (`int8_weight_levels`), so that AVX2's int16 pair sums cannot saturate.
 
-Decode steps of up to `kernels.MAX_ROWS` rows (batch 1 and 2) go through our own C kernel
+Decode steps of up to `kernels.max_rows("int8")` rows go through our own C kernel
 (`kernels.py`, built on first use where there is a C compiler): it rounds each row to the same
 integers as the fbgemm path and streams each int8 weight row once, with no ops around the call;
 fbgemm, a GEMM, is faster for more rows and serves them and prefills.
@@ -214,7 +214,7 @@ class Int8Linear(nn.Module):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "dynamic" and kernels.usable(x):  # a decode step: one call
+        if self.activations == "dynamic" and kernels.usable(x, "int8"):  # a decode step
             y = self._kernel()(x)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         shape = x.shape
@@ -334,7 +334,7 @@ class Fp16Linear(nn.Module):
 
     The weight and bias are packed by fbgemm (an opaque object) for inputs of several rows.
     With our kernels (`kernels.available()`) the fp16 weight is also kept as a plain tensor and
-    decode steps of up to `kernels.MAX_ROWS` rows go through `kernels.f16_linear`: twice the
+    decode steps of up to `kernels.max_rows("fp16")` rows go through our kernel: twice the
     fp16 weight memory (as much as the fp32 layer), for the batch-1 speed of docs/serving.md.
     Neither copy is in `state_dict`; `weight_fp32()` returns the stored weight for inspection.
     Inputs of another dtype are computed in fp32 and cast back.
@@ -362,7 +362,7 @@ class Fp16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:  # neither kernel has a backward
             raise RuntimeError("Fp16Linear is inference-only; run under torch.no_grad()")
-        if self._bound is not None and kernels.usable(x):
+        if self._bound is not None and kernels.usable(x, "fp16"):
             y = self._bound(x)
         else:
             y = torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed)
