@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scratchllm.inference import kernels
@@ -161,3 +162,44 @@ def test_no_kernels_falls_back(monkeypatch, tmp_path):
         assert (y8 - y).abs().max() < 0.05 * y.abs().max()
         monkeypatch.undo()
     kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize("b,h,kv,s", [(1, 12, 12, 64), (8, 4, 4, 100), (3, 8, 2, 37), (2, 2, 1, 1)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_matches_sdpa(built, b, h, kv, s, masked):
+    """One query per row over a cache view (strided, grouped heads, a per-row mask)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, 1, 64, generator=g)
+    cache_k, cache_v = torch.randn(2, b, kv, s + 9, 64, generator=g)
+    k, v = cache_k[:, :, :s], cache_v[:, :, :s]  # a cache holds more positions than it uses
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, 1, s, generator=g) > 0.4
+        mask[..., 0] = True
+        mask[-1] = False  # a row with nothing to attend to: zeros, as PyTorch's
+    out = kernels.attend(q, k, v, mask)
+    rep = h // kv
+    ref = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask
+    )
+    assert out is not None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if masked:  # the mask broadcast over the batch
+        one = mask[:1]
+        torch.testing.assert_close(
+            kernels.attend(q, k, v, one),
+            F.scaled_dot_product_attention(
+                q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), one
+            ),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_attend_declines_what_it_does_not_take(built):
+    q, (k, v) = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 2, 4, 16)
+    assert kernels.attend(q, k, v, None) is not None
+    assert kernels.attend(torch.randn(2, 2, 2, 16), k, v, None) is None  # two queries
+    assert kernels.attend(q.double(), k.double(), v.double(), None) is None
+    assert kernels.attend(q, k, v, torch.zeros(2, 1, 1, 4)) is None  # an additive float mask
+    assert kernels.attend(q, k, v, torch.ones(2, 2, 1, 4, dtype=torch.bool)) is None

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as module_hooks
 
 from scratchllm.errors import InputError
+from scratchllm.inference import kernels
 from scratchllm.model.attention import (
     BatchKVCache,
     KVCache,
@@ -50,6 +51,7 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
     q_end = att.q_dim
     k_end = att.q_dim + att.kv_dim
     layer = att.layer_idx
+    attend_kernel = kernels.available()
 
     def step(x, rope, cache, mask):
         b = x.shape[0]
@@ -63,7 +65,9 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(layer, k, v)
-        a = scaled_dot_product_attention(q, k, v, mask)
+        a = kernels.attend(q, k, v, mask) if attend_kernel else None
+        if a is None:
+            a = scaled_dot_product_attention(q, k, v, mask)
         x = x + out_proj(a.view(b, q_end))
         return x + feed_forward(norm2(x))
 

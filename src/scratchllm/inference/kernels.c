@@ -252,3 +252,59 @@ int sl_w8a8_vnni(void) {
     return 0;
 #endif
 }
+
+/* Attention of one new query per row over its cached keys and values (a decode step):
+   out[b, h] = softmax(q[b, h] · K[b, g]ᵀ · scale, masked) · V[b, g], g = h / (H / KV) (grouped
+   queries share a key-value head). q and out are (B, H, D) contiguous; K and V are views into a
+   cache, strides in elements (batch, head, position; the last dimension contiguous); mask is
+   NULL or bytes (nonzero = attend) at mask[b · mstride + s]. fp32 throughout, softmax from the
+   row's maximum as PyTorch's. One (row, head) pair per task: the cache is read once. */
+void sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S,
+               const float *k, int64_t kb, int64_t kh, int64_t ks, const float *v, int64_t vb,
+               int64_t vh, int64_t vs, const uint8_t *mask, int64_t mstride, float scale,
+               float *out) {
+    int64_t group = H / KV;
+#pragma omp parallel
+    {
+        float *p = (float *)malloc((size_t)(S > 0 ? S : 1) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            int64_t b = bh / H, h = bh % H, g = h / group;
+            const float *qr = q + bh * D;
+            const float *kr = k + b * kb + g * kh, *vr = v + b * vb + g * vh;
+            const uint8_t *mr = mask ? mask + b * mstride : NULL;
+            float *o = out + bh * D;
+            float top = -INFINITY;
+            for (int64_t s = 0; s < S; s++) {
+                if (mr && !mr[s]) {
+                    p[s] = -INFINITY;
+                    continue;
+                }
+                const float *ks_ = kr + s * ks;
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t d = 0; d < D; d++) acc += qr[d] * ks_[d];
+                p[s] = acc * scale;
+                top = p[s] > top ? p[s] : top;
+            }
+            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+            if (top == -INFINITY) continue; /* nothing to attend to: zeros, as PyTorch's CPU SDPA */
+            float total = 0.f;
+            for (int64_t s = 0; s < S; s++) {
+                p[s] = p[s] == -INFINITY ? 0.f : expf(p[s] - top);
+                total += p[s];
+            }
+            for (int64_t s = 0; s < S; s++) {
+                if (p[s] == 0.f) continue;
+                const float *vs_ = vr + s * vs;
+                float w = p[s];
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) o[d] += w * vs_[d];
+            }
+            float inv = 1.f / total;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        }
+        free(p);
+    }
+}

@@ -101,6 +101,9 @@ def _library() -> ctypes.CDLL | None:
     lib.sl_w8a8.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P]
     lib.sl_f16.argtypes = [_P, _I, _I, _P, _P, _I, _P]
     lib.sl_w8a8.restype = lib.sl_f16.restype = None
+    lib.sl_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I,
+                              ctypes.c_float, _P]  # fmt: skip
+    lib.sl_attend.restype = None
     lib.sl_w8a8_vnni.restype = ctypes.c_int
     lib.vnni = bool(lib.sl_w8a8_vnni())
     return lib
@@ -175,6 +178,39 @@ def w8a8_linear(
 def f16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`bind_f16(weight, bias)(x)`, for one call."""
     return bind_f16(weight, bias)(x)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Decode attention: softmax(q Kᵀ / √D, mask) V for one query per row, q (B, H, 1, D), k and
+    v (B, KV, S, D) views into a KV cache (KV dividing H), mask None or bool (B or 1, 1, 1, S),
+    True = attend; as `F.scaled_dot_product_attention`. None when the inputs are not ones the
+    kernel takes (not fp32 CPU tensors, more than one query, another mask): use SDPA then.
+
+    PyTorch's CPU attention has a fixed cost per call that dominates at one query: in a batch-8
+    gpt2-small decode step on the Zen 4 machine of docs/serving.md it took 0.36 ms a layer."""
+    lib = _library()
+    if lib is None or q.shape[2] != 1 or q.device.type != "cpu":
+        return None
+    if any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    b, h, _, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    if h % kv or v.shape != k.shape or k.shape[0] != b:
+        return None
+    mask_ptr, mask_stride = None, 0
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, s):
+            return None
+        if mask.shape[0] not in (1, b) or mask.stride(-1) != 1:
+            return None
+        mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0) if mask.shape[0] == b else 0
+    q = q.contiguous()
+    out = q.new_empty(b, h, 1, d)
+    lib.sl_attend(q.data_ptr(), b, h, kv, d, s, k.data_ptr(), *k.stride()[:3], v.data_ptr(),
+                  *v.stride()[:3], mask_ptr, mask_stride, d**-0.5, out.data_ptr())  # fmt: skip
+    return out
 
 
 _HUGE = 2 << 20  # bytes in an x86 transparent huge page
