@@ -211,27 +211,3 @@ def attend(
     lib.sl_attend(q.data_ptr(), b, h, kv, d, s, k.data_ptr(), *k.stride()[:3], v.data_ptr(),
                   *v.stride()[:3], mask_ptr, mask_stride, d**-0.5, out.data_ptr())  # fmt: skip
     return out
-
-
-_HUGE = 2 << 20  # bytes in an x86 transparent huge page
-_MADV_COLLAPSE = 25  # Linux ≥ 6.1
-
-
-def use_huge_pages(t: torch.Tensor) -> bool:
-    """Ask Linux to back the 2 MiB-aligned interior of `t` with huge pages (MADV_COLLAPSE).
-
-    A decode step streams every weight once, and the hardware prefetcher stops at each 4 KiB
-    page; with 2 MiB pages the streams run on. On the Zen 4 machine of docs/serving.md,
-    gpt2-small's int8 linears took 4.5 ms per batch-1 step instead of 5.2 (27.6 against
-    23.7 GB/s; 9 alternating rounds). False where the kernel refuses (no THP, not Linux, too
-    small), and nothing changes."""
-    if t.device.type != "cpu" or t.nbytes < 2 * _HUGE or not hasattr(os, "sched_getaffinity"):
-        return False
-    start = -(-t.data_ptr() // _HUGE) * _HUGE
-    end = (t.data_ptr() + t.nbytes) // _HUGE * _HUGE
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc.madvise(start, end - start, _MADV_COLLAPSE) == 0
-    except (OSError, AttributeError):
-        return False

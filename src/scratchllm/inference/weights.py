@@ -190,10 +190,8 @@ class Int8Linear(nn.Module):
         if b is not None:
             key += (b.data_ptr(), b._version)
         if self._bound is None or self._bound[0] != key:
-            weight = w.contiguous()
-            kernels.use_huge_pages(weight)
             bias = None if b is None else b.detach().float().contiguous()
-            bound = kernels.bind_w8a8(weight, s.float().contiguous(), bias)
+            bound = kernels.bind_w8a8(w.contiguous(), s.float().contiguous(), bias)
             self._bound = (key, bound)
         return self._bound[1]
 
@@ -352,7 +350,6 @@ class Fp16Linear(nn.Module):
         self._bound: kernels.BoundLinear | None = None
         if kernels.available():
             self.weight_half = weight.to(torch.float16).contiguous()
-            kernels.use_huge_pages(self.weight_half)
             self._bound = kernels.bind_f16(self.weight_half, bias)
 
     def weight_fp32(self) -> torch.Tensor:
