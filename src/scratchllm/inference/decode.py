@@ -9,7 +9,9 @@ skipping that overhead made the whole step 6% faster.
 `DecodeStep` computes the same step for T = 1 on (B, D) activations from a flat plan built once
 per model: per layer, the bound `forward` of each norm, linear and feed-forward (so packed,
 fp16, int8 and LoRA layers compute exactly as they do inside the model), views of the one qkv
-projection, the cache write and one `scaled_dot_product_attention`. What it leaves out is
+projection, the cache write and one attention: `kernels.attend` where our kernels are built
+(one query per row, which PyTorch's CPU attention serves slowly), `scaled_dot_product_attention`
+otherwise. What it leaves out is
 dropout, hooks and shape checks: a model in training mode or with hooks goes through
 `GPTModel.forward`. Tests compare the two for GPT-2 and Llama-style models and every weight
 format.

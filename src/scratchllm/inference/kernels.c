@@ -1,4 +1,5 @@
-/* Matrix-vector kernels for CPU decoding: y = x Wᵀ (+ b) for a few rows x and a large W.
+/* CPU decoding kernels: y = x Wᵀ (+ b) for a few rows x and a large W, and attention of one
+   new query per row over the KV cache.
 
 A decode step multiplies one row per sequence by every weight matrix, so its speed is the speed
 at which the weights stream from memory; the arithmetic per weight byte is tiny. These loops
@@ -10,10 +11,12 @@ Built by scratchllm/inference/kernels.py with the machine's C compiler and -marc
 #if branches pick AVX-512 or AVX2 at build time; the plain C loops are the reference and the
 fallback. OpenMP resolves to the libgomp PyTorch already loaded: one thread pool for both.
 
-  sl_w8a8: int8 weights (one scale per output row) times activations quantized per row to int8
-           (each row on its own scale, as llama.cpp's q8_0 rounds blocks of activations), with
-           exact int32 accumulation (int16 pair products, no saturation), then rescaled in fp32.
-  sl_f16:  fp16 weights widened to fp32 in registers; fp32 activations and accumulation.
+  sl_w8a8:   int8 weights (one scale per output row) times activations quantized per row to
+             int8 (each row on its own scale, as llama.cpp's q8_0 rounds blocks of activations),
+             exact int32 accumulation (VNNI byte products, or int16 pairs: no saturation), then
+             rescaled in fp32.
+  sl_f16:    fp16 weights widened to fp32 in registers; fp32 activations and accumulation.
+  sl_attend: softmax(q Kᵀ / √D) V for one query per row and head, fp32.
 */
 #include <math.h>
 #include <stdint.h>

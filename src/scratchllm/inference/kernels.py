@@ -1,11 +1,13 @@
-"""Our CPU matrix-vector kernels (kernels.c), built on first use with the machine's C compiler.
+"""Our CPU decode kernels (kernels.c), built on first use with the machine's C compiler.
 
 A decode step is a few rows times every weight matrix; PyTorch's kernels for int8 and fp16
 weights (fbgemm's) are built for larger batches and, on the Zen 4 machine of docs/serving.md,
 streamed gpt2-small's int8 weights at about 21 GB/s at batch 1, with a few small ops per layer
 around them to scale the activations. kernels.c does the whole layer in one call: it quantizes
-the rows, streams each weight row once for all of them, and rescales. `w8a8_linear` and
-`f16_linear` are used by `Int8Linear` and `Fp16Linear` for decode-sized inputs (`max_rows`).
+the rows, streams each weight row once for all of them, and rescales. `Int8Linear` and
+`Fp16Linear` bind their weights once (`bind_w8a8`, `bind_f16`) and send decode-sized inputs
+(`max_rows`) through them; `DecodeStep` sends its attention through `attend`, whose one query per
+row PyTorch's CPU attention handles with a large fixed cost.
 
 The library is compiled once per source version and CPU (`-O3 -march=native -fopenmp`) into
 `$SCRATCHLLM_CACHE` (default ~/.cache/scratchllm)/kernels and loaded with ctypes. Without a C
