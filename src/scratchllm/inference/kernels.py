@@ -11,8 +11,8 @@ row PyTorch's CPU attention handles with a large fixed cost.
 
 The library is compiled once per source version and CPU (`-O3 -march=native -fopenmp`) into
 `$SCRATCHLLM_CACHE` (default ~/.cache/scratchllm)/kernels and loaded with ctypes. Without a C
-compiler, or with SCRATCHLLM_KERNELS=0, `available()` is False and the layers use PyTorch's
-kernels, as before: the kernels are a speed-up, never a requirement. SCRATCHLLM_KERNEL_CFLAGS adds
+compiler, off x86-64, or with SCRATCHLLM_KERNELS=0, `available()` is False and the layers use
+PyTorch's kernels, as before: the kernels are a speed-up, never a requirement. SCRATCHLLM_KERNEL_CFLAGS adds
 compiler flags (the tests build `-march=haswell` and `-march=x86-64` to check the AVX2 and plain
 C paths on an AVX-512 machine).
 """
@@ -24,6 +24,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -90,6 +91,10 @@ def _build(compiler: str) -> Path:
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("SCRATCHLLM_KERNELS", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        # Measured on x86 only, and the int8 path matches fbgemm's W8A8 (x86 builds) only.
+        log.info("CPU decoding uses PyTorch's kernels: ours are for x86-64")
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

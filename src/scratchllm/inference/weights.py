@@ -15,8 +15,9 @@ against 10-16 GB/s through `F.linear` (MKL's multi-threaded GEMV).
 **fp16 weights** (`quantize_fp16`, `--quantize fp16`): each linear's weight is stored in IEEE
 half precision (11-bit significand: relative rounding ≤ 2⁻¹¹, 8x finer than bf16) and packed by
 fbgemm, whose AVX2 kernel widens it to fp32 on the fly; activations, accumulation and the output
-stay fp32. Decode steps of one or two rows go through our kernel instead (`kernels.py`, below). Half the bytes of fp32, with logits within ~0.1% of fp32's; on the AVX2 machine
-above it decoded faster than weight-only int8, whose kernel is compute-bound there.
+stay fp32. Decode steps of one or two rows go through our kernel instead (`kernels.py`, below).
+Half the bytes of fp32, with logits within ~0.1% of fp32's; on the AVX2 machine above it decoded
+faster than weight-only int8, whose kernel is compute-bound there.
 
 **int8** (`quantize_int8`, `--quantize int8`): every `nn.Linear` of the transformer blocks
 and the output head becomes an `Int8Linear`: an int8 weight (out, in) with one symmetric scale
@@ -212,12 +213,14 @@ class Int8Linear(nn.Module):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "dynamic" and kernels.usable(x, "int8"):  # a decode step
+        # W8A8 (where fbgemm has it): our kernel for a decode step's rows, else fbgemm's
+        w8a8 = self.activations == "dynamic" and dynamic_int8_available()
+        if w8a8 and kernels.usable(x, "int8"):
             y = self._kernel()(x)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
-        if self.activations == "dynamic" and x.device.type == "cpu" and dynamic_int8_available():
+        if w8a8 and x.device.type == "cpu":
             y = self._w8a8(x2d.float())
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if x.device.type == "cpu" and self.in_features % _KERNEL_K_MULTIPLE == 0:

@@ -26,8 +26,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW; weight decay only on ≥2-D weights (matmuls, embeddings), not on norms or biases.
 
-    With `optimizer="muon"`: Muon on the hidden 2-D weights (decay `muon_weight_decay`, 0 by default),
-    AdamW as above on embeddings, the output head, norms and biases.
+    With `optimizer="muon"`: Muon on the hidden 2-D weights (weight decay `muon_weight_decay`,
+    0 by default, as published), AdamW as above on embeddings, the output head, norms and biases.
     """
     if config.optimizer == "muon":
         return _muon(model, config, device)
