@@ -24,8 +24,14 @@ def _cpu_has(*flags: str) -> bool:
     return info is not None and all(f in info.flags for f in flags)
 
 
-# The paths kernels.c has: what this CPU builds natively (AVX-512 here, or AVX2), AVX2, plain C.
-ISAS = {"native": "", "avx2": "-march=haswell", "plain": "-march=x86-64"}
+# The paths kernels.c has: what this CPU builds natively, AVX-512 without VNNI (int16 products),
+# AVX2, plain C; each where this CPU can run it.
+ISAS = {
+    "native": ("", ()),
+    "avx512": ("-march=skylake-avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq")),
+    "avx2": ("-march=haswell", ("avx2", "fma", "f16c")),
+    "plain": ("-march=x86-64", ()),
+}
 
 
 @pytest.fixture(params=list(ISAS))
@@ -34,10 +40,11 @@ def built(request, monkeypatch):
     missing compiler skips, a failed build fails."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler: the layers use PyTorch's kernels")
-    if request.param == "avx2" and not _cpu_has("avx2", "fma", "f16c"):
-        pytest.skip("this CPU has no AVX2")
+    flags, needs = ISAS[request.param]
+    if needs and not _cpu_has(*needs):
+        pytest.skip(f"this CPU cannot run the {request.param} path")
     monkeypatch.setenv("SCRATCHLLM_KERNELS", "1")
-    monkeypatch.setenv("SCRATCHLLM_KERNEL_CFLAGS", ISAS[request.param])
+    monkeypatch.setenv("SCRATCHLLM_KERNEL_CFLAGS", flags)
     kernels._library.cache_clear()
     yield
     kernels._library.cache_clear()
@@ -96,6 +103,12 @@ def test_w8a8_row_is_independent_of_the_batch(built):
     for i in range(8):
         alone = kernels.w8a8_linear(x[i : i + 1], w, scales, bias)
         assert torch.equal(alone[0], together[i])
+
+
+def test_w8a8_refuses_more_rows_than_it_holds(built):
+    x, w, scales, bias = _inputs(65, 64, 5)
+    with pytest.raises(RuntimeError, match="65 rows"):
+        kernels.w8a8_linear(x, w, scales, bias)
 
 
 def test_w8a8_zero_row(built):

@@ -28,7 +28,7 @@ fallback. OpenMP resolves to the libgomp PyTorch already loaded: one thread pool
 #endif
 
 #define ROWS 4   /* activation rows per tile */
-#define MAX_M 64 /* rows per call at most */
+#define MAX_M 64 /* rows per sl_w8a8 call at most (kernels.py sends at most 8) */
 
 /* The int8 activations as the dot products read them: with AVX512-VNNI as unsigned bytes q + 128
    (`vpdpbusd` multiplies unsigned by signed bytes; the 128 · Σw it adds is taken off after),
@@ -229,22 +229,25 @@ static const dot_f16_fn DOTS_F16[ROWS] = {dot_f16_1, dot_f16_2, dot_f16_3, dot_f
         }                                                                                    \
     }
 
-void sl_w8a8(const float *x, int64_t M, int64_t K, const int8_t *w, const float *wscale,
-             const float *bias, int64_t N, float *y) {
+/* The entry points return 0, or -1 when they could not run (too many rows, no memory). */
+int sl_w8a8(const float *x, int64_t M, int64_t K, const int8_t *w, const float *wscale,
+            const float *bias, int64_t N, float *y) {
     float xscale[MAX_M];
-    if (M > MAX_M) return; /* the Python side sends at most MAX_ROWS (≤ MAX_M) rows */
+    if (M > MAX_M) return -1;
     xq_t *q = (xq_t *)malloc((size_t)(M * K) * sizeof(xq_t));
-    if (q == NULL) return;
+    if (q == NULL) return -1;
     quantize_rows(x, M, K, q, xscale);
 #define FINISH_I8(n, m, d) y[(m) * N + (n)] = (float)(d) * xscale[m] * wscale[n] + (bias ? bias[n] : 0.f)
     FOR_ROWS(DOTS_I8, q, xq_t, int32_t, FINISH_I8)
     free(q);
+    return 0;
 }
 
-void sl_f16(const float *x, int64_t M, int64_t K, const uint16_t *w, const float *bias, int64_t N,
-            float *y) {
+int sl_f16(const float *x, int64_t M, int64_t K, const uint16_t *w, const float *bias, int64_t N,
+           float *y) {
 #define FINISH_F16(n, m, d) y[(m) * N + (n)] = (d) + (bias ? bias[n] : 0.f)
     FOR_ROWS(DOTS_F16, x, float, float, FINISH_F16)
+    return 0;
 }
 
 /* Whether sl_w8a8 multiplies bytes with AVX512-VNNI (the Python side sends it more rows then). */
@@ -262,16 +265,22 @@ int sl_w8a8_vnni(void) {
    cache, strides in elements (batch, head, position; the last dimension contiguous); mask is
    NULL or bytes (nonzero = attend) at mask[b · mstride + s]. fp32 throughout, softmax from the
    row's maximum as PyTorch's. One (row, head) pair per task: the cache is read once. */
-void sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S,
-               const float *k, int64_t kb, int64_t kh, int64_t ks, const float *v, int64_t vb,
-               int64_t vh, int64_t vs, const uint8_t *mask, int64_t mstride, float scale,
-               float *out) {
+int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S,
+              const float *k, int64_t kb, int64_t kh, int64_t ks, const float *v, int64_t vb,
+              int64_t vh, int64_t vs, const uint8_t *mask, int64_t mstride, float scale,
+              float *out) {
     int64_t group = H / KV;
+    int failed = 0;
 #pragma omp parallel
     {
         float *p = (float *)malloc((size_t)(S > 0 ? S : 1) * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
+            if (p == NULL) { /* every thread must reach the loop; a thread without memory skips */
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
             int64_t b = bh / H, h = bh % H, g = h / group;
             const float *qr = q + bh * D;
             const float *kr = k + b * kb + g * kh, *vr = v + b * vb + g * vh;
@@ -310,4 +319,5 @@ void sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int6
         }
         free(p);
     }
+    return failed ? -1 : 0;
 }

@@ -107,10 +107,10 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.sl_w8a8.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P]
     lib.sl_f16.argtypes = [_P, _I, _I, _P, _P, _I, _P]
-    lib.sl_w8a8.restype = lib.sl_f16.restype = None
+    lib.sl_w8a8.restype = lib.sl_f16.restype = ctypes.c_int
     lib.sl_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I,
                               ctypes.c_float, _P]  # fmt: skip
-    lib.sl_attend.restype = None
+    lib.sl_attend.restype = ctypes.c_int
     lib.sl_w8a8_vnni.restype = ctypes.c_int
     lib.vnni = bool(lib.sl_w8a8_vnni())
     return lib
@@ -155,7 +155,8 @@ class BoundLinear:
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
         y = x.new_empty(*x.shape[:-1], self._n)
-        self._fn(x.data_ptr(), x.numel() // self._k, *self._tail, y.data_ptr())
+        if self._fn(x.data_ptr(), x.numel() // self._k, *self._tail, y.data_ptr()):
+            raise RuntimeError(f"decode kernel refused {x.numel() // self._k} rows (at most 64)")
         return y
 
 
@@ -215,6 +216,7 @@ def attend(
         mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0) if mask.shape[0] == b else 0
     q = q.contiguous()
     out = q.new_empty(b, h, 1, d)
-    lib.sl_attend(q.data_ptr(), b, h, kv, d, s, k.data_ptr(), *k.stride()[:3], v.data_ptr(),
-                  *v.stride()[:3], mask_ptr, mask_stride, d**-0.5, out.data_ptr())  # fmt: skip
+    if lib.sl_attend(q.data_ptr(), b, h, kv, d, s, k.data_ptr(), *k.stride()[:3], v.data_ptr(),
+                     *v.stride()[:3], mask_ptr, mask_stride, d**-0.5, out.data_ptr()):  # fmt: skip
+        raise MemoryError("decode attention kernel: out of memory")
     return out
