@@ -117,7 +117,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the kernels are built and loaded (x86 or any CPU with a C compiler)."""
+    """Whether the kernels are built and loaded (x86-64 with a C compiler)."""
     return _library() is not None
 
 
