@@ -259,6 +259,37 @@ int sl_w8a8_vnni(void) {
 #endif
 }
 
+/* Σ a[d]·b[d] and y += w·x over D floats, with FMAs (the plain loops would not contract). */
+static inline float dot_f32(const float *a, const float *b, int64_t D) {
+    int64_t d = 0;
+    float r = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+    r = _mm512_reduce_add_ps(acc);
+#elif defined(VEC_F16) /* AVX2 with FMA (and F16C) */
+    __m256 acc = _mm256_setzero_ps();
+    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    r = SUM_F16(acc);
+#endif
+    for (; d < D; d++) r += a[d] * b[d];
+    return r;
+}
+
+static inline void axpy_f32(float w, const float *x, float *y, int64_t D) {
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    __m512 wv = _mm512_set1_ps(w);
+    for (; d + 16 <= D; d += 16)
+        _mm512_storeu_ps(y + d, _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d)));
+#elif defined(VEC_F16)
+    __m256 wv = _mm256_set1_ps(w);
+    for (; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(y + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+#endif
+    for (; d < D; d++) y[d] += w * x[d];
+}
+
 /* Attention of one new query per row over its cached keys and values (a decode step):
    out[b, h] = softmax(q[b, h] · K[b, g]ᵀ · scale, masked) · V[b, g], g = h / (H / KV) (grouped
    queries share a key-value head). q and out are (B, H, D) contiguous; K and V are views into a
@@ -292,11 +323,7 @@ int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64
                     p[s] = -INFINITY;
                     continue;
                 }
-                const float *ks_ = kr + s * ks;
-                float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t d = 0; d < D; d++) acc += qr[d] * ks_[d];
-                p[s] = acc * scale;
+                p[s] = dot_f32(qr, kr + s * ks, D) * scale;
                 top = p[s] > top ? p[s] : top;
             }
             for (int64_t d = 0; d < D; d++) o[d] = 0.f;
@@ -307,11 +334,7 @@ int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64
                 total += p[s];
             }
             for (int64_t s = 0; s < S; s++) {
-                if (p[s] == 0.f) continue;
-                const float *vs_ = vr + s * vs;
-                float w = p[s];
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) o[d] += w * vs_[d];
+                if (p[s] != 0.f) axpy_f32(p[s], vr + s * vs, o, D);
             }
             float inv = 1.f / total;
 #pragma omp simd
