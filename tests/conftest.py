@@ -55,12 +55,15 @@ def two_threads():
 def int8_fp16_path(request, monkeypatch):
     """Run a test once through our decode kernels (inference/kernels.c; skipped without a C
     compiler) and once through PyTorch's (fbgemm), which prefills always use."""
+    import platform
     import shutil
 
     from scratchllm.inference import kernels
 
     if request.param == "kernels" and not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler for the decode kernels")
+    if request.param == "kernels" and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("our decode kernels are built for x86-64 only")
     monkeypatch.setenv("SCRATCHLLM_KERNELS", "1" if request.param == "kernels" else "0")
     kernels._library.cache_clear()
     assert kernels.available() == (request.param == "kernels")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 
 import pytest
@@ -40,6 +41,8 @@ def built(request, monkeypatch):
     missing compiler skips, a failed build fails."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler: the layers use PyTorch's kernels")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("our kernels are built for x86-64 only")
     flags, needs = ISAS[request.param]
     if needs and not _cpu_has(*needs):
         pytest.skip(f"this CPU cannot run the {request.param} path")
