@@ -72,7 +72,7 @@ def test_w8a8_is_exact_integer_arithmetic(built, shape, with_bias):
     assert kernels.available()
     x, w, scales, bias = _inputs(*shape)
     bias = bias if with_bias else None
-    y = kernels.w8a8_linear(x, w, scales, bias)
+    y = kernels.bind_w8a8(w, scales, bias)(x)
     absmax = x.abs().amax(dim=1, keepdim=True)
     step = torch.tensor(2.0 / 255.0, dtype=torch.float32)
     q = torch.round(x / absmax * (1 / step)).clamp(-128, 127).to(torch.int64)
@@ -102,22 +102,22 @@ def test_w8a8_gives_the_integers_of_the_fbgemm_path(built):
 def test_w8a8_row_is_independent_of_the_batch(built):
     """A request decodes the same whatever else is in the batch: bit for bit."""
     x, w, scales, bias = _inputs(8, 768, 257)  # 8 rows: more than the layers send, still right
-    together = kernels.w8a8_linear(x, w, scales, bias)
+    together = kernels.bind_w8a8(w, scales, bias)(x)
     for i in range(8):
-        alone = kernels.w8a8_linear(x[i : i + 1], w, scales, bias)
+        alone = kernels.bind_w8a8(w, scales, bias)(x[i : i + 1])
         assert torch.equal(alone[0], together[i])
 
 
 def test_w8a8_refuses_more_rows_than_it_holds(built):
     x, w, scales, bias = _inputs(65, 64, 5)
     with pytest.raises(RuntimeError, match="65 rows"):
-        kernels.w8a8_linear(x, w, scales, bias)
+        kernels.bind_w8a8(w, scales, bias)(x)
 
 
 def test_w8a8_zero_row(built):
     x, w, scales, bias = _inputs(2, 64, 5)
     x[1] = 0
-    y = kernels.w8a8_linear(x, w, scales, bias)
+    y = kernels.bind_w8a8(w, scales, bias)(x)
     torch.testing.assert_close(y[1], bias)
 
 
@@ -127,10 +127,10 @@ def test_f16_matches_float64_of_the_rounded_weight(built, shape):
     x, _, _, bias = _inputs(m, k, n)
     w = (torch.randn(n, k) * 0.05).half()
     w[0, 0] = 6e-6  # a subnormal in fp16: the tail's own conversion must get it right
-    y = kernels.f16_linear(x, w, bias)
+    y = kernels.bind_f16(w, bias)(x)
     exact = x.double() @ w.double().T + bias.double()
     torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(kernels.f16_linear(x, w, None).double(), exact - bias.double(),
+    torch.testing.assert_close(kernels.bind_f16(w, None)(x).double(), exact - bias.double(),
                                rtol=1e-5, atol=1e-4)  # fmt: skip
 
 

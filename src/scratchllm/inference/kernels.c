@@ -99,11 +99,7 @@ typedef __m512i acc_i8;
 #define LOAD_X_I8(p) _mm512_loadu_si512((const void *)(p))
 #define ZERO_I8() _mm512_setzero_si512()
 #define SUM_I8(v) _mm512_reduce_add_epi32(v)
-#if defined(__AVX512VNNI__)
-#define MADD_I8(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
-#else
-#define MADD_I8(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
-#endif
+#define MADD_I8(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)) /* no VNNI (see below) */
 #elif defined(__AVX2__)
 #define VEC_I8 16
 typedef __m256i acc_i8;

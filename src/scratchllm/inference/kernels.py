@@ -12,9 +12,9 @@ row PyTorch's CPU attention handles with a large fixed cost.
 The library is compiled once per source version and CPU (`-O3 -march=native -fopenmp`) into
 `$SCRATCHLLM_CACHE` (default ~/.cache/scratchllm)/kernels and loaded with ctypes. Without a C
 compiler, off x86-64, or with SCRATCHLLM_KERNELS=0, `available()` is False and the layers use
-PyTorch's kernels, as before: the kernels are a speed-up, never a requirement. SCRATCHLLM_KERNEL_CFLAGS adds
-compiler flags (the tests build `-march=haswell` and `-march=x86-64` to check the AVX2 and plain
-C paths on an AVX-512 machine).
+PyTorch's kernels, as before: the kernels are a speed-up, never a requirement.
+SCRATCHLLM_KERNEL_CFLAGS adds compiler flags (the tests build `-march=skylake-avx512`, `haswell`
+and `x86-64` to check the AVX-512-without-VNNI, AVX2 and plain C paths on a newer machine).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
 # Rows per call up to which the kernels are used (`max_rows`); more go to fbgemm's GEMMs. Each
 # weight row is read once for all the rows, but the multiply-adds are not blocked as a GEMM's: on
-# the Zen 4 machine of docs/serving.md, gpt2-small's linears took 5.9 / 11.6 ms (int8 with int16
+# the Zen 4 machine of docs/serving.md, gpt2-small's linears took 6.6 / 11.6 ms (int8 with int16
 # products / fp16) at 2 rows against fbgemm's 10.7 / 12.8, and 11.3 / 15.4 at 4 rows against 9.4 /
 # 10.4. With AVX512-VNNI the int8 kernel multiplies 64 bytes an instruction: 5.0 / 6.8 / 10.3 /
 # 17.3 ms at 1 / 4 / 8 / 16 rows against fbgemm's 9.7 / 11.3 / 12.1 / 17.6, so it keeps 8.
@@ -174,18 +174,6 @@ def bind_f16(weight: torch.Tensor, bias: torch.Tensor | None) -> BoundLinear:
     lib = _library()
     assert lib is not None, "kernels unavailable: check available() first"
     return BoundLinear(lib.sl_f16, weight, [bias])
-
-
-def w8a8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """`bind_w8a8(weight, scales, bias)(x)`, for one call."""
-    return bind_w8a8(weight, scales, bias)(x)
-
-
-def f16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`bind_f16(weight, bias)(x)`, for one call."""
-    return bind_f16(weight, bias)(x)
 
 
 def attend(
