@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scratchllm import GPTModel, ModelConfig
+from scratchllm.inference import kernels
 from scratchllm.inference.decode import DecodeStep
 from scratchllm.inference.weights import pack_linears, quantize_fp16, quantize_int8
 from scratchllm.model.attention import BatchKVCache
@@ -66,13 +67,15 @@ def convert(model: GPTModel, fmt: str) -> GPTModel:
     return quantize_fp16(model) if fmt == "fp16" else quantize_int8(model)
 
 
-def prefill(model: GPTModel, prompts: list[list[int]]) -> BatchKVCache:
+def prefill(
+    model: GPTModel, prompts: list[list[int]], kv_dtype: torch.dtype = torch.float32
+) -> BatchKVCache:
     """Right-padded prefill of `prompts` into a fresh cache, as the engine does it."""
     lengths = [len(p) for p in prompts]
     idx = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
     for row, p in enumerate(prompts):
         idx[row, : len(p)] = torch.tensor(p)
-    cache = BatchKVCache(model.config, len(prompts), 24)
+    cache = BatchKVCache(model.config, len(prompts), 24, dtype=kv_dtype)
     with torch.no_grad():
         model(idx, cache=cache)
     cache.set_lengths(lengths)
@@ -90,10 +93,17 @@ def forward_step(model: GPTModel, tokens: torch.Tensor, cache: BatchKVCache) -> 
     "fmt", ["plain", "lora", "packed-gemv", "packed-onednn", "packed-both", "fp16", "int8"]
 )
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one-row", "ragged"])
-def test_decode_step_equals_forward(arch, fmt, prompts):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv32", "kv16"])
+def test_decode_step_equals_forward(arch, fmt, prompts, kv_dtype):
+    """Every path of the step: module calls, or (GPT-2 blocks with fp16/int8 weights, rows our
+    kernels take) the kernels called directly; over an fp32 or the engine's fp16 cache."""
     model = convert(make_model(arch), fmt)
     step = DecodeStep(model)
-    ours, theirs = prefill(model, prompts), prefill(model, prompts)
+    direct = arch == "gpt2" and fmt in ("fp16", "int8") and kernels.available()
+    assert (step.kernel_rows > 0) == direct
+    if direct and fmt == "int8" and kernels.max_rows("int8") >= len(PROMPTS):
+        assert step.kernel_rows >= len(PROMPTS)  # with VNNI: ragged rows take the kernels too
+    ours, theirs = prefill(model, prompts, kv_dtype), prefill(model, prompts, kv_dtype)
     tokens = torch.tensor([p[-1] for p in prompts])
     with torch.no_grad():
         for _ in range(6):
@@ -103,8 +113,10 @@ def test_decode_step_equals_forward(arch, fmt, prompts):
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
             assert ours.lengths_list == theirs.lengths_list
             tokens = want.argmax(-1)
+    # Within one rounding of the cache's dtype (an fp32 value at a boundary may round apart).
+    tol = {"atol": 1e-6} if kv_dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-4}
     for a, b in zip(ours.keys + ours.values, theirs.keys + theirs.values, strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert a.dtype == kv_dtype and torch.allclose(a.float(), b.float(), **tol)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -177,3 +189,24 @@ def test_the_engine_decodes_the_same_tokens_without_the_decode_step(arch, temper
         return [c.token_ids for r in engine.generate(PROMPTS, params) for c in r]
 
     assert tokens() == tokens(decode_step=False)
+
+
+def test_the_engine_keeps_an_fp16_cache_for_fp16_and_int8_weights():
+    """As llama.cpp's default: half the bytes a decode step reads; fp32 and bf16 models keep
+    their activation dtype (their cache rounds nothing the model does not)."""
+    from scratchllm import ByteTokenizer
+    from scratchllm.inference.engine import Engine, SamplingParams
+
+    def engine(model: GPTModel) -> Engine:
+        return Engine(model, ByteTokenizer(), max_batch=4)
+
+    assert engine(make_model("gpt2")).kv_dtype == torch.float32
+    assert engine(make_model("gpt2").to(torch.bfloat16)).kv_dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=6, temperature=0.0, stop_ids=())
+    for fmt in ("fp16", "int8"):
+        quantized = engine(convert(make_model("gpt2"), fmt))
+        assert quantized.kv_dtype == torch.float16
+        [done] = quantized.generate(PROMPTS[:1], params)
+        assert len(done[0].token_ids) == 6
+    wide = Engine(convert(make_model("gpt2"), "int8"), ByteTokenizer(), kv_dtype=torch.float32)
+    assert wide.kv_dtype == torch.float32

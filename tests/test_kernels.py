@@ -134,6 +134,24 @@ def test_f16_matches_float64_of_the_rounded_weight(built, shape):
                                rtol=1e-5, atol=1e-4)  # fmt: skip
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_residual_is_added_in_the_call(built, kind):
+    """`bound(x, residual)` is `bound(x) + residual` to the bit (the same fp32 adds in order);
+    a residual of another shape or dtype is refused before the kernel writes."""
+    x, w, scales, bias = _inputs(3, 100, 37)
+    bound = (
+        kernels.bind_w8a8(w, scales, bias)
+        if kind == "int8"
+        else kernels.bind_f16((w.float() * 1e-3).half(), bias)
+    )
+    residual = torch.randn(3, 37)
+    assert torch.equal(bound(x, residual), bound(x) + residual)
+    assert torch.equal(bound(x, residual.T.contiguous().T), bound(x) + residual)  # strided
+    for bad in (torch.randn(3, 36), residual.double()):
+        with pytest.raises(ValueError, match="residual"):
+            bound(x, bad)
+
+
 def test_layers_take_the_kernels_for_decode_rows_only(built, monkeypatch):
     """Int8Linear/Fp16Linear send up to `max_rows` rows to the kernels and longer inputs to
     PyTorch's, and both give the same layer: the same integers for W8A8, fp32 sums for fp16."""
@@ -182,18 +200,22 @@ def test_no_kernels_falls_back(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("b,h,kv,s", [(1, 12, 12, 64), (8, 4, 4, 100), (3, 8, 2, 37), (2, 2, 1, 1)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_attend_matches_sdpa(built, b, h, kv, s, masked):
-    """One query per row over a cache view (strided, grouped heads, a per-row mask)."""
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_attend_matches_sdpa(built, b, h, kv, s, masked, kv_dtype):
+    """One query per row over a cache view (strided, grouped heads, a per-row mask), an fp32 or
+    fp16 cache: the fp16 one against SDPA on its values widened to fp32 (exactly representable)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(b, h, 1, 64, generator=g)
-    cache_k, cache_v = torch.randn(2, b, kv, s + 9, 64, generator=g)
-    k, v = cache_k[:, :, :s], cache_v[:, :, :s]  # a cache holds more positions than it uses
+    cache = torch.randn(2, b, kv, s + 9, 64, generator=g).to(kv_dtype)
+    k, v = cache[0, :, :, :s], cache[1, :, :, :s]  # a cache holds more positions than it uses
+    out = kernels.attend(q, k, v, None)
+    k, v = k.float(), v.float()
     mask = None
     if masked:
         mask = torch.rand(b, 1, 1, s, generator=g) > 0.4
         mask[..., 0] = True
         mask[-1] = False  # a row with nothing to attend to: zeros, as PyTorch's
-    out = kernels.attend(q, k, v, mask)
+        out = kernels.attend(q, cache[0, :, :, :s], cache[1, :, :, :s], mask)
     rep = h // kv
     ref = F.scaled_dot_product_attention(
         q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask
@@ -203,7 +225,7 @@ def test_attend_matches_sdpa(built, b, h, kv, s, masked):
     if masked:  # the mask broadcast over the batch
         one = mask[:1]
         torch.testing.assert_close(
-            kernels.attend(q, k, v, one),
+            kernels.attend(q, cache[0, :, :, :s], cache[1, :, :, :s], one),
             F.scaled_dot_product_attention(
                 q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), one
             ),
@@ -217,5 +239,7 @@ def test_attend_declines_what_it_does_not_take(built):
     assert kernels.attend(q, k, v, None) is not None
     assert kernels.attend(torch.randn(2, 2, 2, 16), k, v, None) is None  # two queries
     assert kernels.attend(q.double(), k.double(), v.double(), None) is None
+    assert kernels.attend(q, k.bfloat16(), v.bfloat16(), None) is None
+    assert kernels.attend(q, k.half(), v, None) is None  # keys and values of different dtypes
     assert kernels.attend(q, k, v, torch.zeros(2, 1, 1, 4)) is None  # an additive float mask
     assert kernels.attend(q, k, v, torch.ones(2, 2, 1, 4, dtype=torch.bool)) is None

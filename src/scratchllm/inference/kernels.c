@@ -16,7 +16,7 @@ fallback. OpenMP resolves to the libgomp PyTorch already loaded: one thread pool
              exact int32 accumulation (VNNI byte products, or int16 pairs: no saturation), then
              rescaled in fp32.
   sl_f16:    fp16 weights widened to fp32 in registers; fp32 activations and accumulation.
-  sl_attend: softmax(q Kᵀ / √D) V for one query per row and head, fp32.
+  sl_attend: softmax(q Kᵀ / √D) V for one query per row and head over an fp32 or fp16 KV cache.
 */
 #include <math.h>
 #include <stdint.h>
@@ -225,23 +225,26 @@ static const dot_f16_fn DOTS_F16[ROWS] = {dot_f16_1, dot_f16_2, dot_f16_3, dot_f
         }                                                                                    \
     }
 
+/* y = x Wᵀ + b + res (res NULL: nothing added): a decode step's residual add in the same call. */
+#define EPILOGUE(n, m, v) y[(m) * N + (n)] = (v) + (bias ? bias[n] : 0.f) + (res ? res[(m) * N + (n)] : 0.f)
+
 /* The entry points return 0, or -1 when they could not run (too many rows, no memory). */
 int sl_w8a8(const float *x, int64_t M, int64_t K, const int8_t *w, const float *wscale,
-            const float *bias, int64_t N, float *y) {
+            const float *bias, int64_t N, const float *res, float *y) {
     float xscale[MAX_M];
     if (M > MAX_M) return -1;
     xq_t *q = (xq_t *)malloc((size_t)(M * K) * sizeof(xq_t));
     if (q == NULL) return -1;
     quantize_rows(x, M, K, q, xscale);
-#define FINISH_I8(n, m, d) y[(m) * N + (n)] = (float)(d) * xscale[m] * wscale[n] + (bias ? bias[n] : 0.f)
+#define FINISH_I8(n, m, d) EPILOGUE(n, m, (float)(d) * xscale[m] * wscale[n])
     FOR_ROWS(DOTS_I8, q, xq_t, int32_t, FINISH_I8)
     free(q);
     return 0;
 }
 
 int sl_f16(const float *x, int64_t M, int64_t K, const uint16_t *w, const float *bias, int64_t N,
-           float *y) {
-#define FINISH_F16(n, m, d) y[(m) * N + (n)] = (d) + (bias ? bias[n] : 0.f)
+           const float *res, float *y) {
+#define FINISH_F16(n, m, d) EPILOGUE(n, m, d)
     FOR_ROWS(DOTS_F16, x, float, float, FINISH_F16)
     return 0;
 }
@@ -255,47 +258,74 @@ int sl_w8a8_vnni(void) {
 #endif
 }
 
-/* Σ a[d]·b[d] and y += w·x over D floats, with FMAs (the plain loops would not contract). */
-static inline float dot_f32(const float *a, const float *b, int64_t D) {
-    int64_t d = 0;
-    float r = 0.f;
+/* Σ a[d]·b[d] and y += w·x over D elements of a cached key or value row b / x, fp32 or fp16 (an
+   fp16 KV cache: half the bytes a decode step reads per position), with FMAs (the plain loops
+   would not contract). */
 #if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
-    r = _mm512_reduce_add_ps(acc);
-#elif defined(VEC_F16) /* AVX2 with FMA (and F16C) */
-    __m256 acc = _mm256_setzero_ps();
-    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-    r = SUM_F16(acc);
+#define KV_VEC 16
+#define KV_LOAD_F32(p) _mm512_loadu_ps(p)
+#define KV_LOAD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define KV_ZERO() _mm512_setzero_ps()
+#define KV_SET1(w) _mm512_set1_ps(w)
+#define KV_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define KV_SUM(v) _mm512_reduce_add_ps(v)
+#define KV_STORE(p, v) _mm512_storeu_ps(p, v)
+typedef __m512 kv_vec;
+#elif defined(VEC_F16) /* AVX2 with FMA and F16C */
+#define KV_VEC 8
+#define KV_LOAD_F32(p) _mm256_loadu_ps(p)
+#define KV_LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define KV_ZERO() _mm256_setzero_ps()
+#define KV_SET1(w) _mm256_set1_ps(w)
+#define KV_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define KV_SUM(v) SUM_F16(v)
+#define KV_STORE(p, v) _mm256_storeu_ps(p, v)
+typedef __m256 kv_vec;
 #endif
-    for (; d < D; d++) r += a[d] * b[d];
-    return r;
-}
 
-static inline void axpy_f32(float w, const float *x, float *y, int64_t D) {
-    int64_t d = 0;
-#if defined(__AVX512F__)
-    __m512 wv = _mm512_set1_ps(w);
-    for (; d + 16 <= D; d += 16)
-        _mm512_storeu_ps(y + d, _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d)));
-#elif defined(VEC_F16)
-    __m256 wv = _mm256_set1_ps(w);
-    for (; d + 8 <= D; d += 8)
-        _mm256_storeu_ps(y + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+#ifdef KV_VEC
+#define DEFINE_KV_OPS(NAME, T, LOAD, WIDEN)                                                  \
+    static inline float dot_##NAME(const float *a, const T *b, int64_t D) {                  \
+        int64_t d = 0;                                                                       \
+        kv_vec acc = KV_ZERO();                                                              \
+        for (; d + KV_VEC <= D; d += KV_VEC) acc = KV_FMA(KV_LOAD_F32(a + d), LOAD(b + d), acc); \
+        float r = KV_SUM(acc);                                                               \
+        for (; d < D; d++) r += a[d] * WIDEN(b[d]);                                          \
+        return r;                                                                            \
+    }                                                                                        \
+    static inline void axpy_##NAME(float w, const T *x, float *y, int64_t D) {               \
+        int64_t d = 0;                                                                       \
+        kv_vec wv = KV_SET1(w);                                                              \
+        for (; d + KV_VEC <= D; d += KV_VEC)                                                 \
+            KV_STORE(y + d, KV_FMA(wv, LOAD(x + d), KV_LOAD_F32(y + d)));                    \
+        for (; d < D; d++) y[d] += w * WIDEN(x[d]);                                          \
+    }
+#else
+#define DEFINE_KV_OPS(NAME, T, LOAD, WIDEN)                                                  \
+    static inline float dot_##NAME(const float *a, const T *b, int64_t D) {                  \
+        float r = 0.f;                                                                       \
+        for (int64_t d = 0; d < D; d++) r += a[d] * WIDEN(b[d]);                             \
+        return r;                                                                            \
+    }                                                                                        \
+    static inline void axpy_##NAME(float w, const T *x, float *y, int64_t D) {               \
+        for (int64_t d = 0; d < D; d++) y[d] += w * WIDEN(x[d]);                             \
+    }
 #endif
-    for (; d < D; d++) y[d] += w * x[d];
-}
+#define AS_FLOAT(v) (v)
+DEFINE_KV_OPS(f32, float, KV_LOAD_F32, AS_FLOAT)
+DEFINE_KV_OPS(f16, uint16_t, KV_LOAD_F16, half_to_float)
 
 /* Attention of one new query per row over its cached keys and values (a decode step):
    out[b, h] = softmax(q[b, h] · K[b, g]ᵀ · scale, masked) · V[b, g], g = h / (H / KV) (grouped
-   queries share a key-value head). q and out are (B, H, D) contiguous; K and V are views into a
-   cache, strides in elements (batch, head, position; the last dimension contiguous); mask is
-   NULL or bytes (nonzero = attend) at mask[b · mstride + s]. fp32 throughout, softmax from the
-   row's maximum as PyTorch's. One (row, head) pair per task: the cache is read once. */
+   queries share a key-value head). q and out are (B, H, D) contiguous fp32; K and V are views
+   into a cache, fp32 or (kv_half) fp16, strides in elements (batch, head, position; the last
+   dimension contiguous); mask is NULL or bytes (nonzero = attend) at mask[b · mstride + s].
+   Scores, softmax and sums in fp32, softmax from the row's maximum as PyTorch's. One
+   (row, head) pair per task: the cache is read once. */
 int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S,
-              const float *k, int64_t kb, int64_t kh, int64_t ks, const float *v, int64_t vb,
+              const void *k, int64_t kb, int64_t kh, int64_t ks, const void *v, int64_t vb,
               int64_t vh, int64_t vs, const uint8_t *mask, int64_t mstride, float scale,
-              float *out) {
+              int kv_half, float *out) {
     int64_t group = H / KV;
     int failed = 0;
 #pragma omp parallel
@@ -310,7 +340,9 @@ int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64
             }
             int64_t b = bh / H, h = bh % H, g = h / group;
             const float *qr = q + bh * D;
-            const float *kr = k + b * kb + g * kh, *vr = v + b * vb + g * vh;
+            int64_t koff = b * kb + g * kh, voff = b * vb + g * vh;
+            const float *k32 = (const float *)k + koff, *v32 = (const float *)v + voff;
+            const uint16_t *k16 = (const uint16_t *)k + koff, *v16 = (const uint16_t *)v + voff;
             const uint8_t *mr = mask ? mask + b * mstride : NULL;
             float *o = out + bh * D;
             float top = -INFINITY;
@@ -319,7 +351,7 @@ int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64
                     p[s] = -INFINITY;
                     continue;
                 }
-                p[s] = dot_f32(qr, kr + s * ks, D) * scale;
+                p[s] = (kv_half ? dot_f16(qr, k16 + s * ks, D) : dot_f32(qr, k32 + s * ks, D)) * scale;
                 top = p[s] > top ? p[s] : top;
             }
             for (int64_t d = 0; d < D; d++) o[d] = 0.f;
@@ -330,7 +362,11 @@ int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64
                 total += p[s];
             }
             for (int64_t s = 0; s < S; s++) {
-                if (p[s] != 0.f) axpy_f32(p[s], vr + s * vs, o, D);
+                if (p[s] == 0.f) continue;
+                if (kv_half)
+                    axpy_f16(p[s], v16 + s * vs, o, D);
+                else
+                    axpy_f32(p[s], v32 + s * vs, o, D);
             }
             float inv = 1.f / total;
 #pragma omp simd

@@ -105,11 +105,11 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
         log.warning("CPU decode kernels unavailable, using PyTorch's: %s", err)
         return None
-    lib.sl_w8a8.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P]
-    lib.sl_f16.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+    lib.sl_w8a8.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P, _P]
+    lib.sl_f16.argtypes = [_P, _I, _I, _P, _P, _I, _P, _P]
     lib.sl_w8a8.restype = lib.sl_f16.restype = ctypes.c_int
     lib.sl_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I,
-                              ctypes.c_float, _P]  # fmt: skip
+                              ctypes.c_float, ctypes.c_int, _P]  # fmt: skip
     lib.sl_attend.restype = ctypes.c_int
     lib.sl_w8a8_vnni.restype = ctypes.c_int
     lib.vnni = bool(lib.sl_w8a8_vnni())
@@ -136,7 +136,8 @@ def usable(x: torch.Tensor, kind: str) -> bool:
 
 class BoundLinear:
     """One layer bound to a kernel once (its pointers and sizes), so that a decode step's call
-    costs little more than the C call itself: `bound(x)` → x Wᵀ + b in fp32, shape (…, out).
+    costs little more than the C call itself: `bound(x)` → x Wᵀ + b in fp32, shape (…, out);
+    `bound(x, residual)` → x Wᵀ + b + residual (fp32, the output's shape) in the same call.
     Holds references to the tensors it points into; rebind after they change storage."""
 
     __slots__ = ("_fn", "_tail", "_k", "_n", "_tensors")
@@ -151,11 +152,17 @@ class BoundLinear:
         self._tail = (self._k, weight.data_ptr(), *ptrs, self._n)
         self._tensors = (weight, *extra)  # keep the memory the pointers name alive
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
         y = x.new_empty(*x.shape[:-1], self._n)
-        if self._fn(x.data_ptr(), x.numel() // self._k, *self._tail, y.data_ptr()):
+        res = None
+        if residual is not None:
+            if residual.shape != y.shape or residual.dtype != y.dtype:
+                raise ValueError(f"residual {tuple(residual.shape)} must be fp32 {tuple(y.shape)}")
+            residual = residual.contiguous()  # held until the call returns
+            res = residual.data_ptr()
+        if self._fn(x.data_ptr(), x.numel() // self._k, *self._tail, res, y.data_ptr()):
             raise RuntimeError(f"decode kernel refused {x.numel() // self._k} rows (at most 64)")
         return y
 
@@ -179,17 +186,20 @@ def bind_f16(weight: torch.Tensor, bias: torch.Tensor | None) -> BoundLinear:
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """Decode attention: softmax(q Kᵀ / √D, mask) V for one query per row, q (B, H, 1, D), k and
-    v (B, KV, S, D) views into a KV cache (KV dividing H), mask None or bool (B or 1, 1, 1, S),
-    True = attend; as `F.scaled_dot_product_attention`. None when the inputs are not ones the
-    kernel takes (not fp32 CPU tensors, more than one query, another mask): use SDPA then.
+    """Decode attention: softmax(q Kᵀ / √D, mask) V for one query per row, q (B, H, 1, D) fp32, k
+    and v (B, KV, S, D) fp32 or fp16 views into a KV cache (KV dividing H), mask None or bool
+    (B or 1, 1, 1, S), True = attend; as `F.scaled_dot_product_attention` on k and v in fp32.
+    None when the inputs are not ones the kernel takes (not CPU tensors of those dtypes, more
+    than one query, another mask): use SDPA then.
 
     PyTorch's CPU attention has a fixed cost per call that dominates at one query: in a batch-8
     gpt2-small decode step on the Zen 4 machine of docs/serving.md it took 0.36 ms a layer."""
     lib = _library()
     if lib is None or q.shape[2] != 1 or q.device.type != "cpu":
         return None
-    if any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, v)):
+    if q.dtype != torch.float32 or k.dtype not in (torch.float32, torch.float16):
+        return None
+    if v.dtype != k.dtype or any(t.stride(-1) != 1 for t in (q, k, v)):
         return None
     b, h, _, d = q.shape
     kv, s = k.shape[1], k.shape[2]
@@ -205,6 +215,7 @@ def attend(
     q = q.contiguous()
     out = q.new_empty(b, h, 1, d)
     if lib.sl_attend(q.data_ptr(), b, h, kv, d, s, k.data_ptr(), *k.stride()[:3], v.data_ptr(),
-                     *v.stride()[:3], mask_ptr, mask_stride, d**-0.5, out.data_ptr()):  # fmt: skip
+                     *v.stride()[:3], mask_ptr, mask_stride, d**-0.5, k.dtype == torch.float16,
+                     out.data_ptr()):  # fmt: skip
         raise MemoryError("decode attention kernel: out of memory")
     return out

@@ -196,6 +196,14 @@ class Int8Linear(nn.Module):
             self._bound = (key, bound)
         return self._bound[1]
 
+    def decode_kernel(self) -> tuple[kernels.BoundLinear, int] | None:
+        """Our W8A8 kernel bound to this layer, and the rows per call it takes (`forward` sends
+        it up to that many), for a caller that skips `forward`; None where it is not used."""
+        if self.activations != "dynamic" or not dynamic_int8_available():
+            return None
+        rows = kernels.max_rows("int8")
+        return (self._kernel(), rows) if rows else None
+
     def _dynamic_params(self) -> torch.ScriptObject:
         """The weight packed for fbgemm's W8A8 kernel: built on first use and again whenever
         the int8 weight or the scales change (a load, an edit in place)."""
@@ -354,6 +362,11 @@ class Fp16Linear(nn.Module):
         if kernels.available():
             self.weight_half = weight.to(torch.float16).contiguous()
             self._bound = kernels.bind_f16(self.weight_half, bias)
+
+    def decode_kernel(self) -> tuple[kernels.BoundLinear, int] | None:
+        """Our fp16 kernel bound to this layer, and the rows per call it takes (`forward` sends
+        it up to that many), for a caller that skips `forward`; None where it is not built."""
+        return None if self._bound is None else (self._bound, kernels.max_rows("fp16"))
 
     def weight_fp32(self) -> torch.Tensor:
         """The stored weight (its fp16 values, as fp32)."""

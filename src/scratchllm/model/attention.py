@@ -140,8 +140,9 @@ class BatchKVCache:
         end = self.length + 1
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, asked for {end}")
-        self.keys[layer][self._rows, :, self.lengths] = k[:, :, 0]
-        self.values[layer][self._rows, :, self.lengths] = v[:, :, 0]
+        keys, values = self.keys[layer], self.values[layer]  # index_put does not cast: we do
+        keys[self._rows, :, self.lengths] = k[:, :, 0].to(keys.dtype)
+        values[self._rows, :, self.lengths] = v[:, :, 0].to(values.dtype)
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
@@ -267,6 +268,8 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+            if k.dtype != q.dtype:  # a cache kept in lower precision (the engine's fp16 cache)
+                k, v = k.to(q.dtype), v.to(q.dtype)
         dropout = self.dropout if self.training else 0.0
         if self.impl == "explicit":
             out = self._explicit(q, k, v, attn_mask, dropout)
