@@ -17,6 +17,10 @@ from scratchllm.model.lora import apply_lora
 
 ARCHS = {
     "gpt2": {"tie_embeddings": True},
+    # ReLU² in the GPT-2 block; then the speedrun recipe's block (RoPE, QK-norm, ReLU²), which
+    # our kernels serve through direct calls, not the one-call C block.
+    "gpt2-relu2": {"ffn": "relu2"},
+    "modern": dict(pos_embedding="rope", qk_norm=True, ffn="relu2", bias=False),
     # RoPE, RMSNorm, SwiGLU, grouped-query heads, QK-norm (Qwen3): every branch of the block.
     "llama": dict(
         pos_embedding="rope",
@@ -94,12 +98,15 @@ def forward_step(model: GPTModel, tokens: torch.Tensor, cache: BatchKVCache) -> 
 )
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one-row", "ragged"])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv32", "kv16"])
-def test_decode_step_equals_forward(arch, fmt, prompts, kv_dtype):
-    """Every path of the step: module calls, or (GPT-2 blocks with fp16/int8 weights, rows our
-    kernels take) the kernels called directly; over an fp32 or the engine's fp16 cache."""
+def test_decode_step_equals_forward(arch, fmt, prompts, kv_dtype, monkeypatch):
+    """Every path of the step: module calls, or (fp16/int8 weights, rows our kernels take) the
+    kernels called directly, a GPT-2 block as one C call; over an fp32 or an fp16 cache."""
     model = convert(make_model(arch), fmt)
     step = DecodeStep(model)
-    direct = arch == "gpt2" and fmt in ("fp16", "int8") and kernels.available()
+    c_calls = []
+    real = kernels.BoundLayer.__call__
+    monkeypatch.setattr(kernels.BoundLayer, "__call__", lambda *a: c_calls.append(1) or real(*a))
+    direct = arch != "llama" and fmt in ("fp16", "int8") and kernels.available()
     assert (step.kernel_rows > 0) == direct
     if direct and fmt == "int8" and kernels.max_rows("int8") >= len(PROMPTS):
         assert step.kernel_rows >= len(PROMPTS)  # with VNNI: ragged rows take the kernels too
@@ -117,6 +124,8 @@ def test_decode_step_equals_forward(arch, fmt, prompts, kv_dtype):
     tol = {"atol": 1e-6} if kv_dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-4}
     for a, b in zip(ours.keys + ours.values, theirs.keys + theirs.values, strict=True):
         assert a.dtype == kv_dtype and torch.allclose(a.float(), b.float(), **tol)
+    one_call = direct and arch.startswith("gpt2") and len(prompts) <= step.kernel_rows
+    assert bool(c_calls) == one_call
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -243,3 +243,41 @@ def test_attend_declines_what_it_does_not_take(built):
     assert kernels.attend(q, k.half(), v, None) is None  # keys and values of different dtypes
     assert kernels.attend(q, k, v, torch.zeros(2, 1, 1, 4)) is None  # an additive float mask
     assert kernels.attend(q, k, v, torch.ones(2, 2, 1, 4, dtype=torch.bool)) is None
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv32", "kv16"])
+def test_one_call_block_is_the_block(built, fmt, kv_dtype, monkeypatch):
+    """`BoundLayer` (a GPT-2 block in one C call: LayerNorm, GELU's tanh form, the cache write
+    rounding to fp16 as torch's `.half()` does) against the modules' forward, on each build."""
+    from scratchllm import GPTModel, ModelConfig
+    from scratchllm.inference.decode import DecodeStep
+    from scratchllm.inference.weights import quantize_fp16, quantize_int8
+    from scratchllm.model.attention import KVCache
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, context_length=16, emb_dim=64, n_heads=4, n_layers=2)
+    model = GPTModel(config).eval()
+    with torch.no_grad():  # activations across GELU's range, both signs, tails included
+        for block in model.trf_blocks:
+            block.ff.fc1.weight.mul_(8)
+    model = (quantize_int8 if fmt == "int8" else quantize_fp16)(model)
+    step = DecodeStep(model)
+    assert step.kernel_rows >= 1
+    calls = []
+    real = kernels.BoundLayer.__call__
+    monkeypatch.setattr(kernels.BoundLayer, "__call__", lambda *a: calls.append(1) or real(*a))
+    ours, theirs = (KVCache(config, 1, 16, dtype=kv_dtype) for _ in range(2))
+    tokens = torch.tensor([5])
+    with torch.no_grad():
+        for _ in range(6):
+            got = step(tokens, ours)
+            want = model(tokens[:, None], cache=theirs)[:, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            tokens = want.argmax(-1)
+    assert len(calls) == 6 * config.n_layers
+    for a, b in zip(ours.keys + ours.values, theirs.keys + theirs.values, strict=True):
+        a, b = a[:, :, :6].float(), b[:, :, :6].float()
+        if kv_dtype == torch.float16:  # fp32 inputs a rounding apart rarely round apart in fp16
+            assert (a != b).float().mean() < 0.01
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -34,7 +34,7 @@ from scratchllm.model.attention import (
     scaled_dot_product_attention,
 )
 from scratchllm.model.gpt import GPTModel, TransformerBlock
-from scratchllm.model.layers import apply_rope, softcap
+from scratchllm.model.layers import GELU, LayerNorm, ReLU2, apply_rope, softcap
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
 LayerStep = Callable[
@@ -89,26 +89,59 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
     return step
 
 
-def _kernel_layer_step(block: TransformerBlock) -> tuple[LayerStep, int] | None:
-    """`_layer_step` with the block's four linears called as our kernels directly and both
-    residual adds done inside their calls, and the rows per call the kernels take; None for a
-    block with another linear (fbgemm-only, LoRA, packed fp32) or feed-forward (SwiGLU). On the
-    Zen 4 machine of docs/serving.md that skips about 40 us of module calls and small ops per
-    layer of a batch-1 gpt2-small step (int8 5.68 against 6.24 ms, fp16 9.91 against 10.31)."""
-    ff = block.ff
+# The feed-forward activations `kernels.BoundLayer` computes itself.
+_LAYER_ACTIVATIONS = {GELU: "gelu_tanh", ReLU2: "relu2"}
+
+
+def _kernel_layer_step(block: TransformerBlock, rotary: bool) -> tuple[LayerStep, int] | None:
+    """`_layer_step` on our kernels directly, and the rows per call they take; None for a block
+    with another linear (fbgemm-only, LoRA, packed fp32) or feed-forward (SwiGLU).
+
+    A GPT-2-style block (LayerNorm, learned positions, no QK-norm, GELU or ReLU²) runs as one C
+    call (`kernels.BoundLayer`). Others call the four linears' kernels directly, with both
+    residual adds inside the projections' calls. On the Zen 4 machine of docs/serving.md a
+    batch-1 gpt2-small step spends about 80 us a layer in module calls and small ops around the
+    kernels; the direct calls skip half of that, the one C call nearly all."""
+    att, ff = block.att, block.ff
     linears = [getattr(m, "decode_kernel", lambda: None)() for m in
-               (block.att.qkv, block.att.out_proj, ff.fc1, ff.fc2)]  # fmt: skip
+               (att.qkv, att.out_proj, ff.fc1, ff.fc2)]  # fmt: skip
     if ff.swiglu or any(k is None for k in linears):
         return None
+    rows = min(r for _, r in linears)
     (qkv, _), (out_proj, _), (fc1, _), (fc2, _) = linears
-    norm1, norm2, activation = block.norm1.forward, block.norm2.forward, ff.activation.forward
-    attention = _attention(block.att)
+    norms = (block.norm1, block.norm2)
+    activation = _LAYER_ACTIVATIONS.get(type(ff.activation))
+    if (
+        not rotary
+        and att.q_norm is None
+        and activation is not None
+        and all(type(n) is LayerNorm and n.scale.dtype == torch.float32 for n in norms)
+        and norms[0].eps == norms[1].eps
+    ):
+        params = tuple(t.detach() for n in norms for t in (n.scale, n.shift))
+        layer = kernels.BoundLayer(
+            params, norms[0].eps, (qkv, out_proj, fc1, fc2), att.n_heads, att.kv_heads, activation
+        )
+        index = att.layer_idx
+
+        def c_step(x, rope, cache, mask):
+            # Where each row's key goes: its own length (BatchKVCache) or the one length.
+            at = getattr(cache, "lengths", None)
+            if at is None:
+                at = torch.full((x.shape[0],), cache.length, dtype=torch.long)
+            layer(x, cache.keys[index], cache.values[index], at, cache.length + 1, mask)
+            return x
+
+        return c_step, rows
+
+    norm1, norm2, act = block.norm1.forward, block.norm2.forward, ff.activation.forward
+    attention = _attention(att)
 
     def step(x, rope, cache, mask):
         x = out_proj(attention(qkv(norm1(x)), rope, cache, mask), x)
-        return fc2(activation(fc1(norm2(x))), x)
+        return fc2(act(fc1(norm2(x))), x)
 
-    return step, min(rows for _, rows in linears)
+    return step, rows
 
 
 class DecodeStep:
@@ -130,7 +163,7 @@ class DecodeStep:
         self.layers = [_layer_step(block) for block in model.trf_blocks]
         # The same blocks on our kernels directly, for fp32 activations of up to `kernel_rows`
         # rows (0: some block cannot; every block takes the same path).
-        fused = [_kernel_layer_step(block) for block in model.trf_blocks]
+        fused = [_kernel_layer_step(block, model.rope is not None) for block in model.trf_blocks]
         self.kernel_layers = [f[0] for f in fused if f is not None]
         self.kernel_rows = 0 if None in fused else min((f[1] for f in fused), default=0)
         self.final_norm = model.final_norm.forward

@@ -317,12 +317,13 @@ DEFINE_KV_OPS(f16, uint16_t, KV_LOAD_F16, half_to_float)
 
 /* Attention of one new query per row over its cached keys and values (a decode step):
    out[b, h] = softmax(q[b, h] · K[b, g]ᵀ · scale, masked) · V[b, g], g = h / (H / KV) (grouped
-   queries share a key-value head). q and out are (B, H, D) contiguous fp32; K and V are views
+   queries share a key-value head). q is fp32 (B, H, D) with rows qb elements apart (the heads
+   contiguous), out (B, H, D) contiguous fp32; K and V are views
    into a cache, fp32 or (kv_half) fp16, strides in elements (batch, head, position; the last
    dimension contiguous); mask is NULL or bytes (nonzero = attend) at mask[b · mstride + s].
    Scores, softmax and sums in fp32, softmax from the row's maximum as PyTorch's. One
    (row, head) pair per task: the cache is read once. */
-int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S,
+int sl_attend(const float *q, int64_t qb, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S,
               const void *k, int64_t kb, int64_t kh, int64_t ks, const void *v, int64_t vb,
               int64_t vh, int64_t vs, const uint8_t *mask, int64_t mstride, float scale,
               int kv_half, float *out) {
@@ -339,7 +340,7 @@ int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64
                 continue;
             }
             int64_t b = bh / H, h = bh % H, g = h / group;
-            const float *qr = q + bh * D;
+            const float *qr = q + b * qb + h * D;
             int64_t koff = b * kb + g * kh, voff = b * vb + g * vh;
             const float *k32 = (const float *)k + koff, *v32 = (const float *)v + voff;
             const uint16_t *k16 = (const uint16_t *)k + koff, *v16 = (const uint16_t *)v + voff;
@@ -375,4 +376,147 @@ int sl_attend(const float *q, int64_t B, int64_t H, int64_t KV, int64_t D, int64
         free(p);
     }
     return failed ? -1 : 0;
+}
+
+/* ---- One GPT-2 block for one token per row, in one call -------------------------------------
+
+A decode step at batch 1 spends about as long in the Python between the matrix products as the
+matrix products take to stream their weights past a small model's caches; this runs a whole
+pre-norm block (x += attn(LN(x)); x += ff(LN(x))) from C: LayerNorm, the qkv projection, the
+new key and value written into the cache at each row's position, attention, the output
+projection with the residual add, LayerNorm, the feed-forward with its activation, the second
+projection with the residual add. The linears are the kernels above (int8 W8A8 or fp16). What
+it computes is `TransformerBlock.forward` for blocks with learned positions (no RoPE), no QK-norm
+and a GELU (tanh) or ReLU² feed-forward; DecodeStep sends it only those. */
+
+typedef struct {
+    int64_t kind; /* SL_INT8 or SL_F16 */
+    int64_t n, k;
+    const void *w;
+    const float *scale; /* int8: per output row */
+    const float *bias;  /* NULL: none */
+} sl_linear_t;
+#define SL_INT8 1
+#define SL_F16 2
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b; /* LayerNorm affine parameters (NULL: none) */
+    double eps;
+    sl_linear_t qkv, out, fc1, fc2;
+    int64_t heads, kv_heads, head_dim, act; /* act: 1 GELU (tanh), 2 ReLU² */
+} sl_layer_t;
+
+static int run_linear(const sl_linear_t *l, const float *x, int64_t M, const float *res, float *y) {
+    if (l->kind == SL_INT8)
+        return sl_w8a8(x, M, l->k, (const int8_t *)l->w, l->scale, l->bias, l->n, res, y);
+    if (l->kind == SL_F16)
+        return sl_f16(x, M, l->k, (const uint16_t *)l->w, l->bias, l->n, res, y);
+    return -1;
+}
+
+/* F.layer_norm of each row: (x − mean) / √(var + eps) · w + b, biased variance, fp32. */
+static void layer_norm(const float *x, int64_t M, int64_t D, const float *w, const float *b,
+                       float eps, float *y) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * D;
+        float *o = y + m * D;
+        float mean = 0.f, var = 0.f;
+#pragma omp simd reduction(+ : mean)
+        for (int64_t d = 0; d < D; d++) mean += r[d];
+        mean /= (float)D;
+#pragma omp simd reduction(+ : var)
+        for (int64_t d = 0; d < D; d++) var += (r[d] - mean) * (r[d] - mean);
+        float inv = 1.f / sqrtf(var / (float)D + eps);
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++)
+            o[d] = (r[d] - mean) * inv * (w ? w[d] : 1.f) + (b ? b[d] : 0.f);
+    }
+}
+
+/* exp(v) for v ≤ 0 (Cephes' expf: range reduction by ln 2, a degree-6 polynomial, 2ⁿ by the
+   exponent bits; about 1 ulp), written without calls so that the loops below vectorize. */
+static inline float exp_nonpositive(float v) {
+    v = v < -87.f ? -87.f : v;
+    float n = floorf(v * 1.44269504088896341f + 0.5f);
+    float r = v - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* The feed-forward's activation in place: GELU's tanh form 0.5 x (1 + tanh(√(2/π)(x + 0.044715
+   x³))), tanh(u) = sign(u) (1 − e^(−2|u|)) / (1 + e^(−2|u|)); or ReLU². */
+static void activate(float *h, int64_t n, int64_t act) {
+    if (act == 2) {
+#pragma omp parallel for simd schedule(static)
+        for (int64_t i = 0; i < n; i++) h[i] = h[i] > 0.f ? h[i] * h[i] : 0.f;
+        return;
+    }
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float x = h[i], u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        float e = exp_nonpositive(-2.f * fabsf(u)), t = (1.f - e) / (1.f + e);
+        h[i] = 0.5f * x * (1.f + (u < 0.f ? -t : t));
+    }
+}
+
+/* IEEE float → half, rounding to nearest even (as torch's .half()), for the fp16 cache. */
+static uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504: inf */
+    if (a < 0x38800000u) { /* below 2⁻¹⁴: a half subnormal, units of 2⁻²⁴ (exact scaling) */
+        float v;
+        memcpy(&v, &a, sizeof v);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(v * 16777216.f));
+    }
+    uint32_t h = (a - 0x38000000u) >> 13, rest = a & 0x1fffu; /* rebias 127 → 15, keep 10 bits */
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}
+
+/* x (M × D, in place) ← the block applied to each row; row m's key and value are written into
+   the cache (fp32 or kv_half fp16, strides in elements: batch, head, position) at position
+   pos[m], and its query attends over positions [0, S) under mask (as sl_attend). scratch holds
+   M · (D + qkv width + heads · head_dim + ff width) floats. */
+int sl_layer(const sl_layer_t *L, float *x, int64_t M, void *kc, void *vc, int64_t cb, int64_t ch,
+             int64_t cs, int kv_half, const int64_t *pos, int64_t S, const uint8_t *mask,
+             int64_t mstride, float *scratch) {
+    int64_t D = L->out.n, hd = L->head_dim, qd = L->heads * hd, kvd = L->kv_heads * hd;
+    int64_t width = L->qkv.n, ffw = L->fc1.n;
+    float *h = scratch, *qkv = h + M * D, *att = qkv + M * width, *ff = att + M * qd;
+    float eps = (float)L->eps;
+    layer_norm(x, M, D, L->ln1_w, L->ln1_b, eps, h);
+    if (run_linear(&L->qkv, h, M, NULL, qkv)) return -1;
+    for (int64_t m = 0; m < M; m++) { /* this row's key and value into the cache */
+        for (int64_t g = 0; g < L->kv_heads; g++) {
+            const float *k = qkv + m * width + qd + g * hd, *v = k + kvd;
+            int64_t at = m * cb + g * ch + pos[m] * cs;
+            if (kv_half) {
+                uint16_t *kd = (uint16_t *)kc + at, *vd = (uint16_t *)vc + at;
+                for (int64_t d = 0; d < hd; d++) kd[d] = float_to_half(k[d]), vd[d] = float_to_half(v[d]);
+            } else {
+                memcpy((float *)kc + at, k, (size_t)hd * sizeof(float));
+                memcpy((float *)vc + at, v, (size_t)hd * sizeof(float));
+            }
+        }
+    }
+    if (sl_attend(qkv, width, M, L->heads, L->kv_heads, hd, S, kc, cb, ch, cs, vc, cb, ch, cs, mask,
+                  mstride, 1.f / sqrtf((float)hd), kv_half, att))
+        return -1;
+    if (run_linear(&L->out, att, M, x, x)) return -1;
+    layer_norm(x, M, D, L->ln2_w, L->ln2_b, eps, h);
+    if (run_linear(&L->fc1, h, M, NULL, ff)) return -1;
+    activate(ff, M * ffw, L->act);
+    return run_linear(&L->fc2, ff, M, x, x);
 }

@@ -108,9 +108,11 @@ def _library() -> ctypes.CDLL | None:
     lib.sl_w8a8.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P, _P]
     lib.sl_f16.argtypes = [_P, _I, _I, _P, _P, _I, _P, _P]
     lib.sl_w8a8.restype = lib.sl_f16.restype = ctypes.c_int
-    lib.sl_attend.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I,
+    lib.sl_attend.argtypes = [_P, _I, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I,
                               ctypes.c_float, ctypes.c_int, _P]  # fmt: skip
-    lib.sl_attend.restype = ctypes.c_int
+    lib.sl_layer.argtypes = [ctypes.POINTER(_Layer), _P, _I, _P, _P, _I, _I, _I, ctypes.c_int, _P,
+                             _I, _P, _I, _P]  # fmt: skip
+    lib.sl_attend.restype = lib.sl_layer.restype = ctypes.c_int
     lib.sl_w8a8_vnni.restype = ctypes.c_int
     lib.vnni = bool(lib.sl_w8a8_vnni())
     return lib
@@ -134,13 +136,26 @@ def usable(x: torch.Tensor, kind: str) -> bool:
     return x.device.type == "cpu" and 0 < x.numel() <= max_rows(kind) * x.shape[-1]
 
 
+class _Linear(ctypes.Structure):  # kernels.c's sl_linear_t
+    _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("w", _P), ("scale", _P), ("bias", _P)]
+
+
+class _Layer(ctypes.Structure):  # kernels.c's sl_layer_t
+    _fields_ = [
+        *[(name, _P) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")],
+        ("eps", ctypes.c_double),
+        *[(name, _Linear) for name in ("qkv", "out", "fc1", "fc2")],
+        *[(name, _I) for name in ("heads", "kv_heads", "head_dim", "act")],
+    ]
+
+
 class BoundLinear:
     """One layer bound to a kernel once (its pointers and sizes), so that a decode step's call
     costs little more than the C call itself: `bound(x)` → x Wᵀ + b in fp32, shape (…, out);
     `bound(x, residual)` → x Wᵀ + b + residual (fp32, the output's shape) in the same call.
     Holds references to the tensors it points into; rebind after they change storage."""
 
-    __slots__ = ("_fn", "_tail", "_k", "_n", "_tensors")
+    __slots__ = ("_fn", "_tail", "_k", "_n", "_tensors", "_struct")
 
     def __init__(self, fn: Any, weight: torch.Tensor, extra: list[torch.Tensor | None]) -> None:
         for t in (weight, *extra):
@@ -151,6 +166,9 @@ class BoundLinear:
         ptrs = [None if t is None else t.data_ptr() for t in extra]
         self._tail = (self._k, weight.data_ptr(), *ptrs, self._n)
         self._tensors = (weight, *extra)  # keep the memory the pointers name alive
+        int8 = weight.dtype == torch.int8
+        scale, bias = ptrs if int8 else (None, ptrs[0])
+        self._struct = _Linear(1 if int8 else 2, self._n, self._k, weight.data_ptr(), scale, bias)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.float32 or not x.is_contiguous():
@@ -214,8 +232,87 @@ def attend(
         mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0) if mask.shape[0] == b else 0
     q = q.contiguous()
     out = q.new_empty(b, h, 1, d)
-    if lib.sl_attend(q.data_ptr(), b, h, kv, d, s, k.data_ptr(), *k.stride()[:3], v.data_ptr(),
+    if lib.sl_attend(q.data_ptr(), h * d, b, h, kv, d, s, k.data_ptr(), *k.stride()[:3], v.data_ptr(),
                      *v.stride()[:3], mask_ptr, mask_stride, d**-0.5, k.dtype == torch.float16,
                      out.data_ptr()):  # fmt: skip
         raise MemoryError("decode attention kernel: out of memory")
     return out
+
+
+# The feed-forward activations `sl_layer` applies (kernels.c: 1 GELU's tanh form, 2 ReLU²).
+LAYER_ACTIVATIONS = {"gelu_tanh": 1, "relu2": 2}
+
+
+class BoundLayer:
+    """A GPT-2-style block bound to `sl_layer` once: `layer(x, keys, values, positions, length,
+    mask)` applies the block to x (B, D) fp32 in place, as `TransformerBlock.forward` does for one
+    token per row: LayerNorm, attention, residual, LayerNorm, feed-forward, residual. Each row's
+    key and value go into `keys`/`values` (B, KV, capacity, hd), fp32 or fp16, at `positions`
+    (B,) int64, and it attends over the first `length` positions under `mask` (None or bool (B or
+    1, 1, 1, length), True = attend). Learned positions, no QK-norm, GELU (tanh) or ReLU²; the
+    linears bound with `bind_w8a8`/`bind_f16` (the caller checks the rows they take)."""
+
+    def __init__(
+        self,
+        norms: tuple[
+            torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
+        ],
+        eps: float,
+        linears: tuple[BoundLinear, BoundLinear, BoundLinear, BoundLinear],
+        heads: int,
+        kv_heads: int,
+        activation: str,
+    ) -> None:
+        lib = _library()
+        assert lib is not None, "kernels unavailable: check available() first"
+        for t in norms:
+            if t is not None and not (t.dtype == torch.float32 and t.is_contiguous()):
+                raise ValueError("LayerNorm parameters must be contiguous fp32")
+        qkv, out, fc1, fc2 = linears
+        head_dim = out._k // heads
+        dim = out._n  # the residual stream's width
+        if (
+            qkv._n != (heads + 2 * kv_heads) * head_dim
+            or heads * head_dim != out._k
+            or not qkv._k == fc1._k == fc2._n == dim
+            or fc1._n != fc2._k
+        ):
+            raise ValueError("the block's linear shapes do not chain")
+        self._fn = lib.sl_layer
+        ptrs = [None if t is None else t.data_ptr() for t in norms]
+        structs = [b._struct for b in linears]
+        act = LAYER_ACTIVATIONS[activation]
+        self._layer = _Layer(*ptrs, eps, *structs, heads, kv_heads, head_dim, act)
+        self._ref = ctypes.byref(self._layer)
+        self._keep = (norms, linears)  # the memory the pointers name
+        self._dim, self._scratch = dim, dim + qkv._n + out._k + fc1._n
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        length: int,
+        mask: torch.Tensor | None,
+    ) -> None:
+        b = x.shape[0]
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape[1] != self._dim:
+            raise ValueError(f"x must be contiguous fp32 (B, {self._dim}), got {tuple(x.shape)}")
+        if values.stride() != keys.stride() or values.dtype != keys.dtype or keys.stride(-1) != 1:
+            raise ValueError("keys and values must share a layout")
+        if keys.dtype not in (torch.float32, torch.float16) or not length <= keys.shape[2]:
+            raise ValueError(f"KV cache of {keys.shape[2]} positions, asked for {length}")
+        if positions.dtype != torch.int64 or positions.shape != (b,):
+            raise ValueError("positions must be int64 (B,)")
+        mask_ptr, mask_stride = None, 0
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.shape[1:] != (1, 1, length) or mask.stride(-1) != 1:
+                raise ValueError(f"mask must be bool (B or 1, 1, 1, {length})")
+            mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0) if mask.shape[0] == b else 0
+        positions = positions.contiguous()
+        scratch = x.new_empty(b * self._scratch)
+        if self._fn(self._ref, x.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
+                    *keys.stride()[:3], keys.dtype == torch.float16, positions.data_ptr(), length,
+                    mask_ptr, mask_stride, scratch.data_ptr()):  # fmt: skip
+            raise RuntimeError(f"decode layer kernel refused {b} rows")
