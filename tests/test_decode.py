@@ -17,10 +17,10 @@ from scratchllm.model.lora import apply_lora
 
 ARCHS = {
     "gpt2": {"tie_embeddings": True},
-    # ReLU² in the GPT-2 block; then the speedrun recipe's block (RoPE, QK-norm, ReLU²), which
-    # our kernels serve through direct calls, not the one-call C block.
+    # ReLU² in the GPT-2 block; the speedrun recipe's block (RoPE, QK-norm, ReLU², LayerNorm).
     "gpt2-relu2": {"ffn": "relu2"},
     "modern": dict(pos_embedding="rope", qk_norm=True, ffn="relu2", bias=False),
+    "noparam": dict(pos_embedding="rope", norm="rmsnorm_noparam", ffn="gelu", qk_norm=True),
     # RoPE, RMSNorm, SwiGLU, grouped-query heads, QK-norm (Qwen3): every branch of the block.
     "llama": dict(
         pos_embedding="rope",
@@ -99,14 +99,14 @@ def forward_step(model: GPTModel, tokens: torch.Tensor, cache: BatchKVCache) -> 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one-row", "ragged"])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv32", "kv16"])
 def test_decode_step_equals_forward(arch, fmt, prompts, kv_dtype, monkeypatch):
-    """Every path of the step: module calls, or (fp16/int8 weights, rows our kernels take) the
-    kernels called directly, a GPT-2 block as one C call; over an fp32 or an fp16 cache."""
+    """Both paths of the step: module calls, or (fp16/int8 weights, rows our kernels take) each
+    block as one C call; over an fp32 or an fp16 cache."""
     model = convert(make_model(arch), fmt)
     step = DecodeStep(model)
     c_calls = []
     real = kernels.BoundLayer.__call__
     monkeypatch.setattr(kernels.BoundLayer, "__call__", lambda *a: c_calls.append(1) or real(*a))
-    direct = arch != "llama" and fmt in ("fp16", "int8") and kernels.available()
+    direct = fmt in ("fp16", "int8") and kernels.available()
     assert (step.kernel_rows > 0) == direct
     if direct and fmt == "int8" and kernels.max_rows("int8") >= len(PROMPTS):
         assert step.kernel_rows >= len(PROMPTS)  # with VNNI: ragged rows take the kernels too
@@ -124,8 +124,7 @@ def test_decode_step_equals_forward(arch, fmt, prompts, kv_dtype, monkeypatch):
     tol = {"atol": 1e-6} if kv_dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-4}
     for a, b in zip(ours.keys + ours.values, theirs.keys + theirs.values, strict=True):
         assert a.dtype == kv_dtype and torch.allclose(a.float(), b.float(), **tol)
-    one_call = direct and arch.startswith("gpt2") and len(prompts) <= step.kernel_rows
-    assert bool(c_calls) == one_call
+    assert bool(c_calls) == (direct and len(prompts) <= step.kernel_rows)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

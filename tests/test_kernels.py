@@ -245,22 +245,51 @@ def test_attend_declines_what_it_does_not_take(built):
     assert kernels.attend(q, k, v, torch.ones(2, 2, 1, 4, dtype=torch.bool)) is None
 
 
+BLOCKS = {
+    "gpt2": {},  # LayerNorm, learned positions, GELU's tanh form
+    # RMSNorm, RoPE with llama3 scaling, grouped queries, QK-norm, SwiGLU
+    "llama": dict(
+        norm="rmsnorm",
+        pos_embedding="rope",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+        n_kv_heads=2,
+        qk_norm=True,
+        ffn="swiglu",
+        hidden_dim=96,
+        bias=False,
+    ),  # fmt: skip
+}
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp16"])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv32", "kv16"])
-def test_one_call_block_is_the_block(built, fmt, kv_dtype, monkeypatch):
-    """`BoundLayer` (a GPT-2 block in one C call: LayerNorm, GELU's tanh form, the cache write
-    rounding to fp16 as torch's `.half()` does) against the modules' forward, on each build."""
+@pytest.mark.parametrize("arch", list(BLOCKS))
+def test_one_call_block_is_the_block(built, fmt, kv_dtype, arch, monkeypatch):
+    """`BoundLayer` (a block in one C call: its norms, RoPE, QK-norm, GELU's tanh form or SwiGLU
+    from our exp, the cache write rounding to fp16 as torch's `.half()` does) against the
+    modules' forward, on each build."""
     from scratchllm import GPTModel, ModelConfig
     from scratchllm.inference.decode import DecodeStep
     from scratchllm.inference.weights import quantize_fp16, quantize_int8
     from scratchllm.model.attention import KVCache
 
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=97, context_length=16, emb_dim=64, n_heads=4, n_layers=2)
+    config = ModelConfig(
+        vocab_size=97, context_length=16, emb_dim=64, n_heads=4, n_layers=2, **BLOCKS[arch]
+    )
     model = GPTModel(config).eval()
-    with torch.no_grad():  # activations across GELU's range, both signs, tails included
-        for block in model.trf_blocks:
-            block.ff.fc1.weight.mul_(8)
+    with torch.no_grad():  # activations across the activation's range, both signs, tails included
+        for name, p in model.named_parameters():
+            if "ff.fc1" in name:
+                p.mul_(8)
+            elif "norm" in name:  # norm weights that are not all ones
+                p.add_(0.2 * torch.randn_like(p))
     model = (quantize_int8 if fmt == "int8" else quantize_fp16)(model)
     step = DecodeStep(model)
     assert step.kernel_rows >= 1

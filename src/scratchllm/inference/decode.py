@@ -15,6 +15,11 @@ otherwise. What it leaves out is
 dropout, hooks and shape checks: a model in training mode or with hooks goes through
 `GPTModel.forward`. Tests compare the two for GPT-2 and Llama-style models and every weight
 format.
+
+With fp16 or int8 weights on our kernels and no more rows than they take (fp32 activations),
+each block is instead one C call (`kernels.BoundLayer`: norm, qkv, QK-norm, RoPE, cache write,
+attention, projections with the residual adds, feed-forward): at batch 1 the module calls and
+small ops cost as much as a fast kernel's streaming of a layer's weights (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from scratchllm.model.attention import (
     scaled_dot_product_attention,
 )
 from scratchllm.model.gpt import GPTModel, TransformerBlock
-from scratchllm.model.layers import GELU, LayerNorm, ReLU2, apply_rope, softcap
+from scratchllm.model.layers import GELU, LayerNorm, ReLU2, RMSNorm, apply_rope, softcap
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
 LayerStep = Callable[
@@ -42,13 +47,11 @@ LayerStep = Callable[
 ]
 
 
-Attention = Callable[
-    [torch.Tensor, Rope, KVCache | BatchKVCache, torch.Tensor | None], torch.Tensor
-]
-
-
-def _attention(att: MultiHeadAttention) -> Attention:
-    """The attention of one token per row, from the qkv projection (B, q+2kv) to (B, H·hd)."""
+def _layer_step(block: TransformerBlock) -> LayerStep:
+    """One block for one token per row: x (B, D) → (B, D), as `TransformerBlock.forward`."""
+    att = block.att
+    norm1, norm2, feed_forward = block.norm1.forward, block.norm2.forward, block.ff.forward
+    qkv, out_proj = att.qkv.forward, att.out_proj.forward
     q_norm = att.q_norm.forward if att.q_norm is not None else None
     k_norm = att.k_norm.forward if att.k_norm is not None else None
     heads, kv_heads, head_dim = att.n_heads, att.kv_heads, att.head_dim
@@ -57,8 +60,9 @@ def _attention(att: MultiHeadAttention) -> Attention:
     layer = att.layer_idx
     attend_kernel = kernels.available()
 
-    def attend(proj, rope, cache, mask):
-        b = proj.shape[0]
+    def step(x, rope, cache, mask):
+        b = x.shape[0]
+        proj = qkv(norm1(x))
         # (B, H·hd) → (B, H, 1, hd): for one position this view is forward's transpose.
         q = proj[:, :q_end].view(b, heads, 1, head_dim)
         k = proj[:, q_end:k_end].view(b, kv_heads, 1, head_dim)
@@ -71,77 +75,74 @@ def _attention(att: MultiHeadAttention) -> Attention:
         a = kernels.attend(q, k, v, mask) if attend_kernel else None
         if a is None:  # a cache in another dtype (the engine's fp16 one) is widened first
             a = scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
-        return a.view(b, q_end)
-
-    return attend
-
-
-def _layer_step(block: TransformerBlock) -> LayerStep:
-    """One block for one token per row: x (B, D) → (B, D), as `TransformerBlock.forward`."""
-    norm1, norm2, feed_forward = block.norm1.forward, block.norm2.forward, block.ff.forward
-    qkv, out_proj = block.att.qkv.forward, block.att.out_proj.forward
-    attention = _attention(block.att)
-
-    def step(x, rope, cache, mask):
-        x = x + out_proj(attention(qkv(norm1(x)), rope, cache, mask))
+        x = x + out_proj(a.view(b, q_end))
         return x + feed_forward(norm2(x))
 
     return step
 
 
-# The feed-forward activations `kernels.BoundLayer` computes itself.
-_LAYER_ACTIVATIONS = {GELU: "gelu_tanh", ReLU2: "relu2"}
+def _kernel_layer_step(block: TransformerBlock) -> tuple[LayerStep, int] | None:
+    """The block as one call of our C kernels (`kernels.BoundLayer`), and the rows per call its
+    linears take; None for a block with another linear (fbgemm-only, LoRA, packed fp32), norm
+    or activation than the kernels compute, or parameters not in fp32.
 
-
-def _kernel_layer_step(block: TransformerBlock, rotary: bool) -> tuple[LayerStep, int] | None:
-    """`_layer_step` on our kernels directly, and the rows per call they take; None for a block
-    with another linear (fbgemm-only, LoRA, packed fp32) or feed-forward (SwiGLU).
-
-    A GPT-2-style block (LayerNorm, learned positions, no QK-norm, GELU or ReLU²) runs as one C
-    call (`kernels.BoundLayer`). Others call the four linears' kernels directly, with both
-    residual adds inside the projections' calls. On the Zen 4 machine of docs/serving.md a
-    batch-1 gpt2-small step spends about 80 us a layer in module calls and small ops around the
-    kernels; the direct calls skip half of that, the one C call nearly all."""
+    A batch-1 gpt2-small step spends about 80 us a layer in module calls and small ops around
+    the matrix products (on the Zen 4 machine of docs/serving.md); the one call skips them."""
     att, ff = block.att, block.ff
-    linears = [getattr(m, "decode_kernel", lambda: None)() for m in
-               (att.qkv, att.out_proj, ff.fc1, ff.fc2)]  # fmt: skip
-    if ff.swiglu or any(k is None for k in linears):
-        return None
-    rows = min(r for _, r in linears)
-    (qkv, _), (out_proj, _), (fc1, _), (fc2, _) = linears
+    names = ("fc1", "fc2", "fc3") if ff.swiglu else ("fc1", "fc2")
+    modules = [att.qkv, att.out_proj, *(getattr(ff, n) for n in names)]
+    linears = [getattr(m, "decode_kernel", lambda: None)() for m in modules]
+    activation = "swiglu" if ff.swiglu else _ACTIVATIONS.get(type(ff.activation))
     norms = (block.norm1, block.norm2)
-    activation = _LAYER_ACTIVATIONS.get(type(ff.activation))
+    kind = _NORMS.get(type(norms[0]))
+    qk = (att.q_norm, att.k_norm) if att.q_norm is not None else None
+    params = [t for n in norms for t in _norm_params(n)]
+    qk_params = None if qk is None else tuple(_norm_params(n)[0] for n in qk)
+    eps = {n.eps for n in (*norms, *(qk or ()))}
     if (
-        not rotary
-        and att.q_norm is None
-        and activation is not None
-        and all(type(n) is LayerNorm and n.scale.dtype == torch.float32 for n in norms)
-        and norms[0].eps == norms[1].eps
+        None in linears
+        or activation is None
+        or kind is None
+        or type(norms[1]) is not type(norms[0])
+        or len(eps) != 1
+        or any(t is not None and t.dtype != torch.float32 for t in (*params, *(qk_params or ())))
     ):
-        params = tuple(t.detach() for n in norms for t in (n.scale, n.shift))
-        layer = kernels.BoundLayer(
-            params, norms[0].eps, (qkv, out_proj, fc1, fc2), att.n_heads, att.kv_heads, activation
-        )
-        index = att.layer_idx
-
-        def c_step(x, rope, cache, mask):
-            # Where each row's key goes: its own length (BatchKVCache) or the one length.
-            at = getattr(cache, "lengths", None)
-            if at is None:
-                at = torch.full((x.shape[0],), cache.length, dtype=torch.long)
-            layer(x, cache.keys[index], cache.values[index], at, cache.length + 1, mask)
-            return x
-
-        return c_step, rows
-
-    norm1, norm2, act = block.norm1.forward, block.norm2.forward, ff.activation.forward
-    attention = _attention(att)
+        return None
+    layer = kernels.BoundLayer(
+        kind,
+        tuple(params),
+        qk_params,
+        eps.pop(),
+        tuple(b for b, _ in linears),
+        att.n_heads,
+        att.kv_heads,
+        activation,
+    )
+    index = att.layer_idx
 
     def step(x, rope, cache, mask):
-        x = out_proj(attention(qkv(norm1(x)), rope, cache, mask), x)
-        return fc2(act(fc1(norm2(x))), x)
+        # Where each row's key goes: its own length (BatchKVCache) or the cache's one length.
+        at = getattr(cache, "lengths", None)
+        if at is None:
+            at = torch.full((x.shape[0],), cache.length, dtype=torch.long)
+        tables = None if rope is None else (rope[0][:, 0, 0], rope[1][:, 0, 0])  # (B or 1, hd)
+        layer(x, cache.keys[index], cache.values[index], at, cache.length + 1, mask, tables)
+        return x
 
-    return step, rows
+    return step, min(rows for _, rows in linears)
+
+
+# The norms and feed-forward activations `kernels.BoundLayer` computes.
+_NORMS = {LayerNorm: "layernorm", RMSNorm: "rmsnorm"}
+_ACTIVATIONS = {GELU: "gelu_tanh", ReLU2: "relu2"}
+
+
+def _norm_params(norm: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A norm's (weight, bias), detached; None where it has none."""
+    if isinstance(norm, LayerNorm):
+        return norm.scale.detach(), norm.shift.detach()
+    weight = getattr(norm, "weight", None)
+    return (None if weight is None else weight.detach()), None
 
 
 class DecodeStep:
@@ -163,7 +164,7 @@ class DecodeStep:
         self.layers = [_layer_step(block) for block in model.trf_blocks]
         # The same blocks on our kernels directly, for fp32 activations of up to `kernel_rows`
         # rows (0: some block cannot; every block takes the same path).
-        fused = [_kernel_layer_step(block, model.rope is not None) for block in model.trf_blocks]
+        fused = [_kernel_layer_step(block) for block in model.trf_blocks]
         self.kernel_layers = [f[0] for f in fused if f is not None]
         self.kernel_rows = 0 if None in fused else min((f[1] for f in fused), default=0)
         self.final_norm = model.final_norm.forward

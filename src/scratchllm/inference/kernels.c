@@ -378,16 +378,16 @@ int sl_attend(const float *q, int64_t qb, int64_t B, int64_t H, int64_t KV, int6
     return failed ? -1 : 0;
 }
 
-/* ---- One GPT-2 block for one token per row, in one call -------------------------------------
+/* ---- One transformer block for one token per row, in one call --------------------------------
 
 A decode step at batch 1 spends about as long in the Python between the matrix products as the
 matrix products take to stream their weights past a small model's caches; this runs a whole
-pre-norm block (x += attn(LN(x)); x += ff(LN(x))) from C: LayerNorm, the qkv projection, the
-new key and value written into the cache at each row's position, attention, the output
-projection with the residual add, LayerNorm, the feed-forward with its activation, the second
-projection with the residual add. The linears are the kernels above (int8 W8A8 or fp16). What
-it computes is `TransformerBlock.forward` for blocks with learned positions (no RoPE), no QK-norm
-and a GELU (tanh) or ReLU² feed-forward; DecodeStep sends it only those. */
+pre-norm block (x += attn(norm(x)); x += ff(norm(x))) from C: the norm (LayerNorm or RMSNorm),
+the qkv projection, QK-norm and RoPE where the model has them, the new key and value written into
+the cache at each row's position, attention, the output projection with the residual add, the
+norm, the feed-forward (GELU's tanh form, ReLU² or SwiGLU), the last projection with the residual
+add. The linears are the kernels above (int8 W8A8 or fp16). It computes `TransformerBlock.forward`
+for one token per row; tests/test_decode.py and tests/test_kernels.py compare the two. */
 
 typedef struct {
     int64_t kind; /* SL_INT8 or SL_F16 */
@@ -399,11 +399,20 @@ typedef struct {
 #define SL_INT8 1
 #define SL_F16 2
 
+#define NORM_LAYER 1 /* LayerNorm: (x − mean) / √(var + eps) · w + b */
+#define NORM_RMS 2   /* RMSNorm: x / √(mean(x²) + eps) · w */
+#define ACT_GELU 1   /* fc2(gelu_tanh(fc1 x)) */
+#define ACT_RELU2 2  /* fc2(relu(fc1 x)²) */
+#define ACT_SWIGLU 3 /* fc3(silu(fc1 x) · fc2 x) */
+
 typedef struct {
-    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b; /* LayerNorm affine parameters (NULL: none) */
+    int64_t norm;                               /* NORM_LAYER or NORM_RMS, both norms */
+    const float *n1_w, *n1_b, *n2_w, *n2_b;     /* their parameters (NULL: none) */
+    const float *qn_w, *kn_w;                   /* QK-norm (RMSNorm per head) weights */
+    int64_t qk_norm;                            /* 1: QK-norm (qn_w/kn_w NULL: without weights) */
     double eps;
-    sl_linear_t qkv, out, fc1, fc2;
-    int64_t heads, kv_heads, head_dim, act; /* act: 1 GELU (tanh), 2 ReLU² */
+    sl_linear_t qkv, out, fc1, fc2, fc3;        /* fc3: SwiGLU's output projection */
+    int64_t heads, kv_heads, head_dim, act;
 } sl_layer_t;
 
 static int run_linear(const sl_linear_t *l, const float *x, int64_t M, const float *res, float *y) {
@@ -414,12 +423,22 @@ static int run_linear(const sl_linear_t *l, const float *x, int64_t M, const flo
     return -1;
 }
 
-/* F.layer_norm of each row: (x − mean) / √(var + eps) · w + b, biased variance, fp32. */
-static void layer_norm(const float *x, int64_t M, int64_t D, const float *w, const float *b,
-                       float eps, float *y) {
+/* Each of the M rows of D: F.layer_norm (biased variance), or our RMSNorm (in its order: x · r,
+   then · w); fp32. */
+static void norm_rows(const float *x, int64_t M, int64_t D, int64_t kind, const float *w,
+                      const float *b, float eps, float *y) {
     for (int64_t m = 0; m < M; m++) {
         const float *r = x + m * D;
         float *o = y + m * D;
+        if (kind == NORM_RMS) {
+            float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t d = 0; d < D; d++) ss += r[d] * r[d];
+            float inv = 1.f / sqrtf(ss / (float)D + eps);
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) o[d] = w ? w[d] * (r[d] * inv) : r[d] * inv;
+            continue;
+        }
         float mean = 0.f, var = 0.f;
 #pragma omp simd reduction(+ : mean)
         for (int64_t d = 0; d < D; d++) mean += r[d];
@@ -430,6 +449,16 @@ static void layer_norm(const float *x, int64_t M, int64_t D, const float *w, con
 #pragma omp simd
         for (int64_t d = 0; d < D; d++)
             o[d] = (r[d] - mean) * inv * (w ? w[d] : 1.f) + (b ? b[d] : 0.f);
+    }
+}
+
+/* RoPE in place on one head: x·cos + rotate_half(x)·sin, rotate_half(x) = (−x₂, x₁). */
+static void rope_head(float *x, const float *cos, const float *sin, int64_t hd) {
+    int64_t half = hd / 2;
+    for (int64_t d = 0; d < half; d++) {
+        float a = x[d], b = x[d + half];
+        x[d] = a * cos[d] - b * sin[d];
+        x[d + half] = b * cos[d + half] + a * sin[d + half];
     }
 }
 
@@ -452,19 +481,27 @@ static inline float exp_nonpositive(float v) {
     return p * scale;
 }
 
-/* The feed-forward's activation in place: GELU's tanh form 0.5 x (1 + tanh(√(2/π)(x + 0.044715
-   x³))), tanh(u) = sign(u) (1 − e^(−2|u|)) / (1 + e^(−2|u|)); or ReLU². */
-static void activate(float *h, int64_t n, int64_t act) {
-    if (act == 2) {
+/* The feed-forward's activation, in place on h (n values; SwiGLU: h ← silu(h) · up). GELU's tanh
+   form 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³))) with tanh(u) = sign(u) (1 − e^(−2|u|)) /
+   (1 + e^(−2|u|)); silu(x) = x · σ(x), σ from e^(−|x|) on either side; ReLU². */
+static void activate(float *h, const float *up, int64_t n, int64_t act) {
+    if (act == ACT_RELU2) {
 #pragma omp parallel for simd schedule(static)
         for (int64_t i = 0; i < n; i++) h[i] = h[i] > 0.f ? h[i] * h[i] : 0.f;
-        return;
-    }
+    } else if (act == ACT_SWIGLU) {
 #pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        float x = h[i], u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-        float e = exp_nonpositive(-2.f * fabsf(u)), t = (1.f - e) / (1.f + e);
-        h[i] = 0.5f * x * (1.f + (u < 0.f ? -t : t));
+        for (int64_t i = 0; i < n; i++) {
+            float x = h[i], e = exp_nonpositive(-fabsf(x));
+            float sig = x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+            h[i] = x * sig * up[i];
+        }
+    } else {
+#pragma omp parallel for simd schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            float x = h[i], u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+            float e = exp_nonpositive(-2.f * fabsf(u)), t = (1.f - e) / (1.f + e);
+            h[i] = 0.5f * x * (1.f + (u < 0.f ? -t : t));
+        }
     }
 }
 
@@ -487,20 +524,33 @@ static uint16_t float_to_half(float f) {
 
 /* x (M × D, in place) ← the block applied to each row; row m's key and value are written into
    the cache (fp32 or kv_half fp16, strides in elements: batch, head, position) at position
-   pos[m], and its query attends over positions [0, S) under mask (as sl_attend). scratch holds
-   M · (D + qkv width + heads · head_dim + ff width) floats. */
+   pos[m], and its query attends over positions [0, S) under mask (as sl_attend). cos/sin: the
+   RoPE tables of each row (row m at m · rope_stride; stride 0: one row for all), NULL without
+   RoPE. scratch holds M · (D + qkv width + heads · head_dim + 2 · ff width) floats. */
 int sl_layer(const sl_layer_t *L, float *x, int64_t M, void *kc, void *vc, int64_t cb, int64_t ch,
              int64_t cs, int kv_half, const int64_t *pos, int64_t S, const uint8_t *mask,
-             int64_t mstride, float *scratch) {
+             int64_t mstride, const float *cos, const float *sin, int64_t rope_stride,
+             float *scratch) {
     int64_t D = L->out.n, hd = L->head_dim, qd = L->heads * hd, kvd = L->kv_heads * hd;
     int64_t width = L->qkv.n, ffw = L->fc1.n;
     float *h = scratch, *qkv = h + M * D, *att = qkv + M * width, *ff = att + M * qd;
-    float eps = (float)L->eps;
-    layer_norm(x, M, D, L->ln1_w, L->ln1_b, eps, h);
+    float *up = ff + M * ffw, eps = (float)L->eps;
+    norm_rows(x, M, D, L->norm, L->n1_w, L->n1_b, eps, h);
     if (run_linear(&L->qkv, h, M, NULL, qkv)) return -1;
-    for (int64_t m = 0; m < M; m++) { /* this row's key and value into the cache */
-        for (int64_t g = 0; g < L->kv_heads; g++) {
-            const float *k = qkv + m * width + qd + g * hd, *v = k + kvd;
+    for (int64_t m = 0; m < M; m++) {
+        float *row = qkv + m * width;
+        if (L->qk_norm) { /* each query and key head on its own, in place */
+            for (int64_t j = 0; j < L->heads; j++)
+                norm_rows(row + j * hd, 1, hd, NORM_RMS, L->qn_w, NULL, eps, row + j * hd);
+            for (int64_t g = 0; g < L->kv_heads; g++)
+                norm_rows(row + qd + g * hd, 1, hd, NORM_RMS, L->kn_w, NULL, eps, row + qd + g * hd);
+        }
+        if (cos != NULL) {
+            const float *c = cos + m * rope_stride, *s = sin + m * rope_stride;
+            for (int64_t j = 0; j < L->heads + L->kv_heads; j++) rope_head(row + j * hd, c, s, hd);
+        }
+        for (int64_t g = 0; g < L->kv_heads; g++) { /* this row's key and value into the cache */
+            const float *k = row + qd + g * hd, *v = k + kvd;
             int64_t at = m * cb + g * ch + pos[m] * cs;
             if (kv_half) {
                 uint16_t *kd = (uint16_t *)kc + at, *vd = (uint16_t *)vc + at;
@@ -515,8 +565,13 @@ int sl_layer(const sl_layer_t *L, float *x, int64_t M, void *kc, void *vc, int64
                   mstride, 1.f / sqrtf((float)hd), kv_half, att))
         return -1;
     if (run_linear(&L->out, att, M, x, x)) return -1;
-    layer_norm(x, M, D, L->ln2_w, L->ln2_b, eps, h);
+    norm_rows(x, M, D, L->norm, L->n2_w, L->n2_b, eps, h);
     if (run_linear(&L->fc1, h, M, NULL, ff)) return -1;
-    activate(ff, M * ffw, L->act);
+    if (L->act == ACT_SWIGLU) {
+        if (run_linear(&L->fc2, h, M, NULL, up)) return -1;
+        activate(ff, up, M * ffw, L->act);
+        return run_linear(&L->fc3, ff, M, x, x);
+    }
+    activate(ff, NULL, M * ffw, L->act);
     return run_linear(&L->fc2, ff, M, x, x);
 }

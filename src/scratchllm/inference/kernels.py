@@ -111,7 +111,7 @@ def _library() -> ctypes.CDLL | None:
     lib.sl_attend.argtypes = [_P, _I, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I,
                               ctypes.c_float, ctypes.c_int, _P]  # fmt: skip
     lib.sl_layer.argtypes = [ctypes.POINTER(_Layer), _P, _I, _P, _P, _I, _I, _I, ctypes.c_int, _P,
-                             _I, _P, _I, _P]  # fmt: skip
+                             _I, _P, _I, _P, _P, _I, _P]  # fmt: skip
     lib.sl_attend.restype = lib.sl_layer.restype = ctypes.c_int
     lib.sl_w8a8_vnni.restype = ctypes.c_int
     lib.vnni = bool(lib.sl_w8a8_vnni())
@@ -142,9 +142,11 @@ class _Linear(ctypes.Structure):  # kernels.c's sl_linear_t
 
 class _Layer(ctypes.Structure):  # kernels.c's sl_layer_t
     _fields_ = [
-        *[(name, _P) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")],
+        ("norm", _I),
+        *[(name, _P) for name in ("n1_w", "n1_b", "n2_w", "n2_b", "qn_w", "kn_w")],
+        ("qk_norm", _I),
         ("eps", ctypes.c_double),
-        *[(name, _Linear) for name in ("qkv", "out", "fc1", "fc2")],
+        *[(name, _Linear) for name in ("qkv", "out", "fc1", "fc2", "fc3")],
         *[(name, _I) for name in ("heads", "kv_heads", "head_dim", "act")],
     ]
 
@@ -239,53 +241,68 @@ def attend(
     return out
 
 
-# The feed-forward activations `sl_layer` applies (kernels.c: 1 GELU's tanh form, 2 ReLU²).
-LAYER_ACTIVATIONS = {"gelu_tanh": 1, "relu2": 2}
+# kernels.c's NORM_* and ACT_*: the norms and feed-forwards `sl_layer` computes.
+LAYER_NORMS = {"layernorm": 1, "rmsnorm": 2}
+LAYER_ACTIVATIONS = {"gelu_tanh": 1, "relu2": 2, "swiglu": 3}
+Params = torch.Tensor | None
 
 
 class BoundLayer:
-    """A GPT-2-style block bound to `sl_layer` once: `layer(x, keys, values, positions, length,
-    mask)` applies the block to x (B, D) fp32 in place, as `TransformerBlock.forward` does for one
-    token per row: LayerNorm, attention, residual, LayerNorm, feed-forward, residual. Each row's
-    key and value go into `keys`/`values` (B, KV, capacity, hd), fp32 or fp16, at `positions`
-    (B,) int64, and it attends over the first `length` positions under `mask` (None or bool (B or
-    1, 1, 1, length), True = attend). Learned positions, no QK-norm, GELU (tanh) or ReLU²; the
-    linears bound with `bind_w8a8`/`bind_f16` (the caller checks the rows they take)."""
+    """A transformer block bound to `sl_layer` once: `layer(x, keys, values, positions, length,
+    mask, rope)` applies the block to x (B, D) fp32 in place, as `TransformerBlock.forward` does
+    for one token per row: norm, attention, residual, norm, feed-forward, residual. Each row's key
+    and value go into `keys`/`values` (B, KV, capacity, hd), fp32 or fp16, at `positions` (B,)
+    int64, and it attends over the first `length` positions under `mask` (None or bool (B or 1,
+    1, 1, length), True = attend); `rope` is None or the (cos, sin) tables, (B or 1, hd) fp32.
+
+    `norm`: a key of `LAYER_NORMS`, both norms' (weight, bias) in `norms`; `qk_norm`: the RMSNorm
+    weights of queries and keys per head (None: no QK-norm; (None, None): without weights);
+    `activation`: a key of `LAYER_ACTIVATIONS`; `linears`: qkv, out, fc1, fc2 (and SwiGLU's fc3)
+    bound with `bind_w8a8`/`bind_f16` (the caller checks the rows they take)."""
 
     def __init__(
         self,
-        norms: tuple[
-            torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
-        ],
+        norm: str,
+        norms: tuple[Params, Params, Params, Params],
+        qk_norm: tuple[Params, Params] | None,
         eps: float,
-        linears: tuple[BoundLinear, BoundLinear, BoundLinear, BoundLinear],
+        linears: tuple[BoundLinear, ...],
         heads: int,
         kv_heads: int,
         activation: str,
     ) -> None:
         lib = _library()
         assert lib is not None, "kernels unavailable: check available() first"
-        for t in norms:
+        params = (*norms, *(qk_norm or (None, None)))
+        for t in params:
             if t is not None and not (t.dtype == torch.float32 and t.is_contiguous()):
-                raise ValueError("LayerNorm parameters must be contiguous fp32")
-        qkv, out, fc1, fc2 = linears
+                raise ValueError("norm parameters must be contiguous fp32")
+        swiglu = activation == "swiglu"
+        if len(linears) != (5 if swiglu else 4):
+            raise ValueError(f"{activation} takes {5 if swiglu else 4} linears")
+        qkv, out, fc1, fc2 = linears[:4]
+        last = linears[4] if swiglu else fc2
         head_dim = out._k // heads
         dim = out._n  # the residual stream's width
         if (
             qkv._n != (heads + 2 * kv_heads) * head_dim
             or heads * head_dim != out._k
-            or not qkv._k == fc1._k == fc2._n == dim
-            or fc1._n != fc2._k
+            or not qkv._k == fc1._k == last._n == dim
+            or fc1._n != last._k
+            or (swiglu and (fc2._k, fc2._n) != (dim, fc1._n))
         ):
             raise ValueError("the block's linear shapes do not chain")
         self._fn = lib.sl_layer
-        ptrs = [None if t is None else t.data_ptr() for t in norms]
-        structs = [b._struct for b in linears]
-        act = LAYER_ACTIVATIONS[activation]
-        self._layer = _Layer(*ptrs, eps, *structs, heads, kv_heads, head_dim, act)
+        ptrs = [None if t is None else t.data_ptr() for t in params]
+        structs = [b._struct for b in linears] + ([] if swiglu else [_Linear()])
+        self._layer = _Layer(
+            LAYER_NORMS[norm], *ptrs, qk_norm is not None, eps, *structs, heads, kv_heads,
+            head_dim, LAYER_ACTIVATIONS[activation],
+        )  # fmt: skip
         self._ref = ctypes.byref(self._layer)
-        self._keep = (norms, linears)  # the memory the pointers name
-        self._dim, self._scratch = dim, dim + qkv._n + out._k + fc1._n
+        self._keep = (params, linears)  # the memory the pointers name
+        self._dim, self._head_dim = dim, head_dim
+        self._scratch = dim + qkv._n + out._k + 2 * fc1._n
 
     def __call__(
         self,
@@ -295,6 +312,7 @@ class BoundLayer:
         positions: torch.Tensor,
         length: int,
         mask: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         b = x.shape[0]
         if x.dtype != torch.float32 or not x.is_contiguous() or x.shape[1] != self._dim:
@@ -310,9 +328,21 @@ class BoundLayer:
             if mask.dtype != torch.bool or mask.shape[1:] != (1, 1, length) or mask.stride(-1) != 1:
                 raise ValueError(f"mask must be bool (B or 1, 1, 1, {length})")
             mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0) if mask.shape[0] == b else 0
+        cos = sin = None
+        rope_stride = 0
+        if rope is not None:
+            cos, sin = (t.to(torch.float32).contiguous() for t in rope)
+            if cos.shape != sin.shape or cos.shape not in (
+                (b, self._head_dim),
+                (1, self._head_dim),
+            ):
+                raise ValueError(f"rope tables must be (B or 1, {self._head_dim})")
+            rope_stride = self._head_dim if cos.shape[0] == b and b > 1 else 0
         positions = positions.contiguous()
         scratch = x.new_empty(b * self._scratch)
         if self._fn(self._ref, x.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
                     *keys.stride()[:3], keys.dtype == torch.float16, positions.data_ptr(), length,
-                    mask_ptr, mask_stride, scratch.data_ptr()):  # fmt: skip
+                    mask_ptr, mask_stride, None if cos is None else cos.data_ptr(),
+                    None if sin is None else sin.data_ptr(), rope_stride,
+                    scratch.data_ptr()):  # fmt: skip
             raise RuntimeError(f"decode layer kernel refused {b} rows")
