@@ -1,5 +1,5 @@
-/* CPU decoding kernels: y = x Wᵀ (+ b) for a few rows x and a large W, and attention of one
-   new query per row over the KV cache.
+/* CPU decoding kernels: y = x Wᵀ (+ b) for a few rows x and a large W, attention of one new
+   query per row over the KV cache, and a whole transformer block for one token per row.
 
 A decode step multiplies one row per sequence by every weight matrix, so its speed is the speed
 at which the weights stream from memory; the arithmetic per weight byte is tiny. These loops
@@ -17,6 +17,8 @@ fallback. OpenMP resolves to the libgomp PyTorch already loaded: one thread pool
              rescaled in fp32.
   sl_f16:    fp16 weights widened to fp32 in registers; fp32 activations and accumulation.
   sl_attend: softmax(q Kᵀ / √D) V for one query per row and head over an fp32 or fp16 KV cache.
+  sl_layer:  one pre-norm block (norms, qkv, QK-norm, RoPE, cache write, attention, residual
+             projections, feed-forward) in one call, on the three above.
 */
 #include <math.h>
 #include <stdint.h>
