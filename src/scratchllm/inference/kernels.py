@@ -9,7 +9,7 @@ the rows, streams each weight row once for all of them, and rescales. `Int8Linea
 (`max_rows`) through them; `DecodeStep` sends its attention through `attend`, whose one query per
 row PyTorch's CPU attention handles with a large fixed cost, and, where every linear of a block is
 bound to our kernels, the whole block through one C call (`BoundLayer`): at batch 1 the module
-calls and small ops between the kernels cost a fifth to a third of the step.
+calls and small ops between the kernels cost from a tenth (fp16 gpt2-small) to two fifths (int8, Llama-style block) of the step.
 
 The library is compiled once per source version and CPU (`-O3 -march=native -fopenmp`) into
 `$SCRATCHLLM_CACHE` (default ~/.cache/scratchllm)/kernels and loaded with ctypes. Without a C
