@@ -162,8 +162,8 @@ class DecodeStep:
         self.pos_emb = model.pos_emb.weight if model.pos_emb is not None else None
         self.rope = model.rope
         self.layers = [_layer_step(block) for block in model.trf_blocks]
-        # The same blocks on our kernels directly, for fp32 activations of up to `kernel_rows`
-        # rows (0: some block cannot; every block takes the same path).
+        # The same blocks as one C call each, for fp32 activations of up to `kernel_rows` rows
+        # (0: some block cannot; every block takes the same path).
         fused = [_kernel_layer_step(block) for block in model.trf_blocks]
         self.kernel_layers = [f[0] for f in fused if f is not None]
         self.kernel_rows = 0 if None in fused else min((f[1] for f in fused), default=0)
