@@ -8,5 +8,5 @@ requests.py  what a request is: `SamplingParams`, `Completion`, `Event`, `Reques
 scoring.py   token log-probabilities: of prompts (a forward pass), of drawn tokens
 chat.py      messages → prompt ids (a chat template or the Alpaca format), `ChatSession`
 weights.py   CPU weight formats for decoding: packed fp32, fp16, int8
-kernels.py   our C decode kernels: int8/fp16 matrix-vector, one-query attention (built on first use)
+kernels.py   our C decode kernels: int8/fp16 matrix-vector, one-query attention, a block in one call
 """

@@ -81,9 +81,9 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
     return step
 
 
-def _kernel_layer_step(block: TransformerBlock) -> tuple[LayerStep, int] | None:
-    """The block as one call of our C kernels (`kernels.BoundLayer`), and the rows per call its
-    linears take; None for a block with another linear (fbgemm-only, LoRA, packed fp32), norm
+def _kernel_layer(block: TransformerBlock) -> tuple[kernels.BoundLayer, int] | None:
+    """The block bound as one call of our C kernels (`kernels.BoundLayer`), and the rows per call
+    its linears take; None for a block with another linear (fbgemm-only, LoRA, packed fp32), norm
     or activation than the kernels compute, or parameters not in fp32.
 
     A batch-1 gpt2-small step spends about 80 us a layer in module calls and small ops around
@@ -118,18 +118,7 @@ def _kernel_layer_step(block: TransformerBlock) -> tuple[LayerStep, int] | None:
         att.kv_heads,
         activation,
     )
-    index = att.layer_idx
-
-    def step(x, rope, cache, mask):
-        # Where each row's key goes: its own length (BatchKVCache) or the cache's one length.
-        at = getattr(cache, "lengths", None)
-        if at is None:
-            at = torch.full((x.shape[0],), cache.length, dtype=torch.long)
-        tables = None if rope is None else (rope[0][:, 0, 0], rope[1][:, 0, 0])  # (B or 1, hd)
-        layer(x, cache.keys[index], cache.values[index], at, cache.length + 1, mask, tables)
-        return x
-
-    return step, min(rows for _, rows in linears)
+    return layer, min(rows for _, rows in linears)
 
 
 # The norms and feed-forward activations `kernels.BoundLayer` computes.
@@ -162,11 +151,11 @@ class DecodeStep:
         self.pos_emb = model.pos_emb.weight if model.pos_emb is not None else None
         self.rope = model.rope
         self.layers = [_layer_step(block) for block in model.trf_blocks]
-        # The same blocks as one C call each, for fp32 activations of up to `kernel_rows` rows
-        # (0: some block cannot; every block takes the same path).
-        fused = [_kernel_layer_step(block) for block in model.trf_blocks]
-        self.kernel_layers = [f[0] for f in fused if f is not None]
-        self.kernel_rows = 0 if None in fused else min((f[1] for f in fused), default=0)
+        # The same blocks as one C call each (block i's cache is layer i's), for fp32
+        # activations of up to `kernel_rows` rows (0: some block cannot; all take one path).
+        bound = [_kernel_layer(block) for block in model.trf_blocks]
+        self.kernel_layers = [b[0] for b in bound if b is not None]
+        self.kernel_rows = 0 if None in bound else min((b[1] for b in bound), default=0)
         self.final_norm = model.final_norm.forward
         self.head = model.out_head.forward
         # `GPTModel.head_logits`: the language-model head's soft-cap (none for a classifier).
@@ -210,16 +199,24 @@ class DecodeStep:
                 f"length {self.context_length}"
             )
         x = F.embedding(tokens, self.tok_emb)
-        rope = None
+        tables = None
         if self.pos_emb is not None:
             x = x + self.pos_emb[positions if positions is not None else length]
         else:
             if positions is None:
                 positions = torch.arange(length, length + 1, device=tokens.device)
-            cos, sin = self.rope(positions)  # (B, hd) or (1, hd), fp32 as in GPTModel.forward
-            rope = (cos[:, None, None], sin[:, None, None])  # broadcast over (B, H, 1, hd)
-        fused = x.dtype == torch.float32 and x.shape[0] <= self.kernel_rows
-        for layer in self.kernel_layers if fused else self.layers:
-            x = layer(x, rope, cache, attn_mask)
+            tables = self.rope(positions)  # (B, hd) or (1, hd), fp32 as in GPTModel.forward
+        if x.dtype == torch.float32 and x.shape[0] <= self.kernel_rows:
+            # Where each row's key goes: its own length (BatchKVCache) or the cache's one length.
+            at = getattr(cache, "lengths", None)
+            if at is None:
+                at = torch.full((x.shape[0],), length, dtype=torch.long)
+            for i, layer in enumerate(self.kernel_layers):  # x in place
+                layer(x, cache.keys[i], cache.values[i], at, length + 1, attn_mask, tables)
+        else:
+            # (B, hd) → (B, 1, 1, hd): broadcast over (B, H, 1, hd)
+            rope = None if tables is None else tuple(t[:, None, None] for t in tables)
+            for step in self.layers:
+                x = step(x, rope, cache, attn_mask)
         cache.advance(1)
         return softcap(self.head(self.final_norm(x)), self.logit_softcap)

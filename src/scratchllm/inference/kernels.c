@@ -125,6 +125,8 @@ typedef __m512 acc_f16;
 #define ZERO_F16() _mm512_setzero_ps()
 #define MADD_F16(acc, a, b) _mm512_fmadd_ps(a, b, acc)
 #define SUM_F16(v) _mm512_reduce_add_ps(v)
+#define SET1_F16(w) _mm512_set1_ps(w)
+#define STORE_F16(p, v) _mm512_storeu_ps(p, v)
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define VEC_F16 8
 typedef __m256 acc_f16;
@@ -132,6 +134,8 @@ typedef __m256 acc_f16;
 #define LOAD_X_F16(p) _mm256_loadu_ps(p)
 #define ZERO_F16() _mm256_setzero_ps()
 #define MADD_F16(acc, a, b) _mm256_fmadd_ps(a, b, acc)
+#define SET1_F16(w) _mm256_set1_ps(w)
+#define STORE_F16(p, v) _mm256_storeu_ps(p, v)
 static inline float SUM_F16(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s);
@@ -261,45 +265,23 @@ int sl_w8a8_vnni(void) {
 }
 
 /* Σ a[d]·b[d] and y += w·x over D elements of a cached key or value row b / x, fp32 or fp16 (an
-   fp16 KV cache: half the bytes a decode step reads per position), with FMAs (the plain loops
-   would not contract). */
-#if defined(__AVX512F__)
-#define KV_VEC 16
-#define KV_LOAD_F32(p) _mm512_loadu_ps(p)
-#define KV_LOAD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
-#define KV_ZERO() _mm512_setzero_ps()
-#define KV_SET1(w) _mm512_set1_ps(w)
-#define KV_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define KV_SUM(v) _mm512_reduce_add_ps(v)
-#define KV_STORE(p, v) _mm512_storeu_ps(p, v)
-typedef __m512 kv_vec;
-#elif defined(VEC_F16) /* AVX2 with FMA and F16C */
-#define KV_VEC 8
-#define KV_LOAD_F32(p) _mm256_loadu_ps(p)
-#define KV_LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
-#define KV_ZERO() _mm256_setzero_ps()
-#define KV_SET1(w) _mm256_set1_ps(w)
-#define KV_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define KV_SUM(v) SUM_F16(v)
-#define KV_STORE(p, v) _mm256_storeu_ps(p, v)
-typedef __m256 kv_vec;
-#endif
-
-#ifdef KV_VEC
+   fp16 KV cache: half the bytes a decode step reads per position), with the fp16 weights' vector
+   operations above (FMAs: the plain loops would not contract). */
+#ifdef VEC_F16
 #define DEFINE_KV_OPS(NAME, T, LOAD, WIDEN)                                                  \
     static inline float dot_##NAME(const float *a, const T *b, int64_t D) {                  \
         int64_t d = 0;                                                                       \
-        kv_vec acc = KV_ZERO();                                                              \
-        for (; d + KV_VEC <= D; d += KV_VEC) acc = KV_FMA(KV_LOAD_F32(a + d), LOAD(b + d), acc); \
-        float r = KV_SUM(acc);                                                               \
+        acc_f16 acc = ZERO_F16();                                                            \
+        for (; d + VEC_F16 <= D; d += VEC_F16) acc = MADD_F16(acc, LOAD_X_F16(a + d), LOAD(b + d)); \
+        float r = SUM_F16(acc);                                                              \
         for (; d < D; d++) r += a[d] * WIDEN(b[d]);                                          \
         return r;                                                                            \
     }                                                                                        \
     static inline void axpy_##NAME(float w, const T *x, float *y, int64_t D) {               \
         int64_t d = 0;                                                                       \
-        kv_vec wv = KV_SET1(w);                                                              \
-        for (; d + KV_VEC <= D; d += KV_VEC)                                                 \
-            KV_STORE(y + d, KV_FMA(wv, LOAD(x + d), KV_LOAD_F32(y + d)));                    \
+        acc_f16 wv = SET1_F16(w);                                                            \
+        for (; d + VEC_F16 <= D; d += VEC_F16)                                               \
+            STORE_F16(y + d, MADD_F16(LOAD_X_F16(y + d), wv, LOAD(x + d)));                  \
         for (; d < D; d++) y[d] += w * WIDEN(x[d]);                                          \
     }
 #else
@@ -314,8 +296,8 @@ typedef __m256 kv_vec;
     }
 #endif
 #define AS_FLOAT(v) (v)
-DEFINE_KV_OPS(f32, float, KV_LOAD_F32, AS_FLOAT)
-DEFINE_KV_OPS(f16, uint16_t, KV_LOAD_F16, half_to_float)
+DEFINE_KV_OPS(f32, float, LOAD_X_F16, AS_FLOAT)
+DEFINE_KV_OPS(f16, uint16_t, LOAD_W_F16, half_to_float)
 
 /* Attention of one new query per row over its cached keys and values (a decode step):
    out[b, h] = softmax(q[b, h] · K[b, g]ᵀ · scale, masked) · V[b, g], g = h / (H / KV) (grouped

@@ -9,7 +9,8 @@ the rows, streams each weight row once for all of them, and rescales. `Int8Linea
 (`max_rows`) through them; `DecodeStep` sends its attention through `attend`, whose one query per
 row PyTorch's CPU attention handles with a large fixed cost, and, where every linear of a block is
 bound to our kernels, the whole block through one C call (`BoundLayer`): at batch 1 the module
-calls and small ops between the kernels cost from a tenth (fp16 gpt2-small) to two fifths (int8, Llama-style block) of the step.
+calls and small ops between the kernels cost from a tenth (fp16 gpt2-small) to two fifths (int8,
+a Llama-style block) of the step.
 
 The library is compiled once per source version and CPU (`-O3 -march=native -fopenmp`) into
 `$SCRATCHLLM_CACHE` (default ~/.cache/scratchllm)/kernels and loaded with ctypes. Without a C
@@ -138,6 +139,9 @@ def usable(x: torch.Tensor, kind: str) -> bool:
     return x.device.type == "cpu" and 0 < x.numel() <= max_rows(kind) * x.shape[-1]
 
 
+_INT8, _F16 = 1, 2  # kernels.c's SL_INT8, SL_F16: an sl_linear_t's kind
+
+
 class _Linear(ctypes.Structure):  # kernels.c's sl_linear_t
     _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("w", _P), ("scale", _P), ("bias", _P)]
 
@@ -172,7 +176,8 @@ class BoundLinear:
         self._tensors = (weight, *extra)  # keep the memory the pointers name alive
         int8 = weight.dtype == torch.int8
         scale, bias = ptrs if int8 else (None, ptrs[0])
-        self._struct = _Linear(1 if int8 else 2, self._n, self._k, weight.data_ptr(), scale, bias)
+        kind = _INT8 if int8 else _F16
+        self._struct = _Linear(kind, self._n, self._k, weight.data_ptr(), scale, bias)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.float32 or not x.is_contiguous():
