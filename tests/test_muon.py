@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from scratchllm import ByteTokenizer, GPTModel, ModelConfig
-from scratchllm.train.muon import MuonAdamW, muon_update, newton_schulz, split_for_muon
+from scratchllm.train.muon import (
+    MuonAdamW,
+    muon_update,
+    newton_schulz,
+    qkv_row_blocks,
+    split_for_muon,
+)
 from scratchllm.train.optim import build_optimizer
 from scratchllm.train.settings import TrainConfig
 from scratchllm.train.tasks import LMTask
@@ -81,6 +87,52 @@ def test_the_batched_step_equals_one_matrix_at_a_time():
             want[i] -= 0.05 * muon_update(grad, moms[i], ns_dtype=torch.float64)
     for p, w in zip(params, want, strict=True):
         torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
+
+
+def test_row_blocks_orthogonalise_each_part_apart():
+    """A fused q/k/v weight with row blocks steps as its three matrices would on their own
+    (each its own norm and shape scale), batched with plain matrices of the same shape; the
+    sharded path's `muon_update(row_blocks=...)` gives the same step."""
+    g = torch.Generator().manual_seed(2)
+    fused = torch.nn.Parameter(torch.randn(24, 8, generator=g, dtype=torch.float64))
+    plain = torch.nn.Parameter(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    blocks = (8, 8, 8)
+    opt = MuonAdamW(
+        [dict(params=[fused, plain], use_muon=True, lr=0.05)],
+        torch.float64,
+        row_blocks={id(fused): blocks},
+    )
+    parts = [fused.detach()[i * 8 : (i + 1) * 8].clone() for i in range(3)]
+    part_moms = [torch.zeros(8, 8, dtype=torch.float64) for _ in range(3)]
+    fused_mom = torch.zeros(24, 8, dtype=torch.float64)
+    want_plain, plain_mom = plain.detach().clone(), torch.zeros(8, 8, dtype=torch.float64)
+    for _ in range(3):
+        grad = torch.randn(24, 8, generator=g, dtype=torch.float64)
+        fused.grad, plain.grad = grad, torch.randn(8, 8, generator=g, dtype=torch.float64)
+        opt.step()
+        steps = [
+            muon_update(grad[i * 8 : (i + 1) * 8], part_moms[i], ns_dtype=torch.float64)
+            for i in range(3)
+        ]
+        for i in range(3):
+            parts[i] -= 0.05 * steps[i]
+        # Each block scaled as a square matrix (1), not as one tall 24×8 one (√3).
+        whole = muon_update(grad, fused_mom, ns_dtype=torch.float64, row_blocks=blocks)
+        torch.testing.assert_close(whole, torch.cat(steps), rtol=0, atol=1e-12)
+        want_plain -= 0.05 * muon_update(plain.grad, plain_mom, ns_dtype=torch.float64)
+    torch.testing.assert_close(fused.detach(), torch.cat(parts), rtol=0, atol=1e-12)
+    torch.testing.assert_close(plain.detach(), want_plain, rtol=0, atol=1e-12)
+    model = GPTModel(
+        ModelConfig(
+            vocab_size=32, context_length=8, emb_dim=16, n_heads=4, n_kv_heads=2, n_layers=2
+        )
+    )
+    found = qkv_row_blocks(model)
+    assert found == {id(b.att.qkv.weight): (16, 8, 8) for b in model.trf_blocks}
+    for split in (False, True):
+        config = TrainConfig(optimizer="muon", muon_split_qkv=split)
+        opt = build_optimizer(model, config, torch.device("cpu"))
+        assert opt.row_blocks == (found if split else {})
 
 
 def test_adamw_groups_match_torch_adamw():

@@ -38,6 +38,19 @@ def test_wsd_by_fraction(fraction, expected):
     assert lr_at_fraction(fraction, 1.0, 0.1, 0.1, "wsd", 0.3) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    ("fraction", "expected"),
+    [(0.5, 1.0), (0.7, 1.0), (0.7 + 0.3 / 4, 0.55), (0.7 + 0.3 * 0.81, 0.19), (1.0, 0.1)],
+)
+def test_wsd_sqrt_decays_by_one_minus_the_square_root(fraction, expected):
+    """Peak 1, floor 0.1, decay over the last 30%: a quarter into the decay the rate is halfway
+    down (1 − √¼ = ½), at 81% of it 1 − 0.9·0.9 = 0.19 (linear: 0.55 and 0.271)."""
+    assert lr_at_fraction(fraction, 1.0, 0.1, 0.1, "wsd-sqrt", 0.3) == pytest.approx(expected)
+    assert lr_at(round(fraction * 1000), 1.0, 1000, 10, 0.1, "wsd-sqrt", 0.3) == pytest.approx(
+        expected
+    )
+
+
 def test_cosine_and_constant_by_fraction():
     assert lr_at_fraction(0.0, 2.0, 0.0, 0.0, "cosine") == pytest.approx(2.0)
     assert lr_at_fraction(0.5, 2.0, 0.0, 0.0, "cosine") == pytest.approx(1.0)
@@ -52,7 +65,7 @@ def test_cosine_and_constant_by_fraction():
 
 def test_by_fraction_matches_by_step_after_warmup():
     for s in range(10, 100, 7):
-        for schedule in ("cosine", "wsd"):
+        for schedule in ("cosine", "wsd", "wsd-sqrt"):
             by_step = lr_at(s, 1.0, 100, 10, 0.05, schedule)
             by_fraction = lr_at_fraction(s / 100, 1.0, 0.1, 0.05, schedule)
             assert by_step == pytest.approx(by_fraction), (s, schedule)

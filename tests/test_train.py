@@ -12,7 +12,7 @@ from scratchllm.checkpoint import load_checkpoint, load_state_dict
 from scratchllm.train.pretrain import PretrainOptions, pretrain
 from scratchllm.train.schedule import lr_at
 from scratchllm.train.settings import TrainConfig
-from scratchllm.train.tasks import LMTask
+from scratchllm.train.tasks import LMTask, LowPrecisionCrossEntropy, lm_loss
 from scratchllm.train.trainer import Trainer, TrainerCallback
 
 
@@ -127,3 +127,48 @@ def test_checkpoint_round_trip_generates_the_same(tmp_path, data_dir):
     torch.testing.assert_close(ckpt.model(idx), again.model(idx), rtol=0, atol=0)
     assert ckpt.tokenizer.fingerprint() == again.tokenizer.fingerprint()
     assert math.isfinite(ckpt.meta["eval"]["val_loss"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_cross_entropy_matches_fp32_reference(dtype):
+    """Training's cross-entropy on bf16/fp16 logits: the loss and the gradient of
+    F.cross_entropy on the same logits widened to fp32, within the dtype's rounding."""
+    torch.manual_seed(0)
+    logits = (torch.randn(300, 512) * 4).to(dtype)
+    target = torch.randint(0, 512, (300,))
+    low = logits.clone().requires_grad_()
+    loss = LowPrecisionCrossEntropy.apply(low, target)
+    (loss * 3).backward()  # a scale on the way back reaches the gradient
+    ref = logits.float().requires_grad_()
+    ref_loss = torch.nn.functional.cross_entropy(ref, target)
+    (ref_loss * 3).backward()
+    assert loss.dtype == torch.float32 and low.grad.dtype == dtype
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=2e-3)
+    # Every entry within the dtype's relative step of the largest gradient: the target's
+    # `p - 1` as much as the others' `p`.
+    tol = 3 * torch.finfo(dtype).eps * ref.grad.abs().max()
+    assert (low.grad.float() - ref.grad).abs().max() <= tol
+    # Each row sums to zero (softmax minus one one-hot): the target subtracted once per row.
+    assert (low.grad.float().sum(dim=1)).abs().max() <= 2 * tol
+
+
+def test_lm_loss_takes_low_precision_path_only_when_training():
+    """bf16 logits with gradients go through LowPrecisionCrossEntropy; evaluation (no grad)
+    and fp32 logits keep F.cross_entropy in fp32."""
+    torch.manual_seed(0)
+    model = GPTModel(
+        ModelConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1)
+    )
+    x = torch.randint(0, 64, (2, 8))
+    y = torch.randint(0, 64, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train = lm_loss(model, x, y)
+        with torch.no_grad():
+            evaluated = lm_loss(model, x, y)
+    assert train.grad_fn is not None and "LowPrecisionCrossEntropy" in type(train.grad_fn).__name__
+    assert evaluated.dtype == torch.float32
+    assert train.item() == pytest.approx(evaluated.item(), abs=1e-2)
+    fp32 = lm_loss(model, x, y)
+    assert "LowPrecision" not in type(fp32.grad_fn).__name__
+    train.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

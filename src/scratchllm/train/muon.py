@@ -53,14 +53,21 @@ def muon_update(
     nesterov: bool = True,
     ns_steps: int = 5,
     ns_dtype: torch.dtype = torch.bfloat16,
+    row_blocks: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Update `momentum` in place with `grad`; return the orthogonalised, shape-scaled step.
 
-    The step is a whole matrix even where `grad` is an FSDP2 shard (see `_full`).
+    The step is a whole matrix even where `grad` is an FSDP2 shard (see `_full`). With
+    `row_blocks`, each block of rows is a matrix of its own (orthogonalised and scaled apart).
     """
     momentum.lerp_(grad, 1 - beta)
     u = _full(torch.lerp(grad, momentum, beta) if nesterov else momentum)
-    return newton_schulz(u, ns_steps, ns_dtype) * _shape_scale(u)
+    return _join(
+        {
+            j: newton_schulz(block, ns_steps, ns_dtype) * _shape_scale(block)
+            for j, block in enumerate(_row_split(u, row_blocks))
+        }
+    )
 
 
 def muon_ns_dtype(device: torch.device) -> torch.dtype:
@@ -92,9 +99,15 @@ class MuonAdamW(torch.optim.Optimizer):
     `betas`, `eps`, `weight_decay` (both decoupled: `p ← p·(1 - lr·wd)`). Under DDP every rank
     holds the same averaged gradient and computes the same update; under FSDP2 each rank
     gathers a matrix's momentum look-ahead, orthogonalises it and keeps its own shard.
+    `row_blocks` names parameters that stack several matrices by rows (`qkv_row_blocks`).
     """
 
-    def __init__(self, groups: Iterable[dict[str, Any]], ns_dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        groups: Iterable[dict[str, Any]],
+        ns_dtype: torch.dtype = torch.bfloat16,
+        row_blocks: dict[int, tuple[int, ...]] | None = None,
+    ):
         defaults = dict(
             lr=0.02,
             use_muon=False,
@@ -110,6 +123,9 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["use_muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon groups take 2-D weights only")
         self.ns_dtype = ns_dtype
+        # id(param) → row counts of the matrices stacked in it (a fused q/k/v weight), each
+        # orthogonalised and scaled on its own; `qkv_row_blocks` builds it.
+        self.row_blocks = dict(row_blocks or {})
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -132,6 +148,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
         sharded = [p for p in params if hasattr(p, "device_mesh")]
         for p in sharded:  # FSDP2: each matrix gathered whole, one at a time
+            blocks = self.row_blocks.get(id(p))
             update = muon_update(
                 p.grad,
                 self.state[p]["momentum_buffer"],
@@ -139,6 +156,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 group["nesterov"],
                 group["ns_steps"],
                 self.ns_dtype,
+                blocks,
             )
             if wd:
                 p.mul_(1 - lr * wd)
@@ -153,20 +171,28 @@ class MuonAdamW(torch.optim.Optimizer):
         momenta = [self.state[p]["momentum_buffer"] for p in plain]
         torch._foreach_lerp_(momenta, grads, 1 - beta)
         looks = torch._foreach_lerp(grads, momenta, beta) if group["nesterov"] else momenta
+        # Each matrix to orthogonalise: (parameter index, block index, matrix); a fused
+        # parameter contributes one per row block.
+        pieces = [
+            (i, j, block)
+            for i, (p, u) in enumerate(zip(plain, looks, strict=True))
+            for j, block in enumerate(_row_split(u, self.row_blocks.get(id(p))))
+        ]
         by_shape: dict[tuple, list[int]] = {}
-        for i, u in enumerate(looks):
-            by_shape.setdefault((tuple(_wide(u).shape), u.dtype, u.device), []).append(i)
-        updates: dict[int, torch.Tensor] = {}
+        for k, (_, _, u) in enumerate(pieces):
+            by_shape.setdefault((tuple(_wide(u).shape), u.dtype, u.device), []).append(k)
+        parts: dict[int, dict[int, torch.Tensor]] = {i: {} for i in range(len(plain))}
         for members in by_shape.values():
-            wide = torch.stack([_wide(looks[i]) for i in members])
+            wide = torch.stack([_wide(pieces[k][2]) for k in members])
             ortho = newton_schulz(wide, group["ns_steps"], self.ns_dtype)
-            for j, i in enumerate(members):
-                u = looks[i]
+            for n, k in enumerate(members):
+                i, j, u = pieces[k]
                 tall = u.size(-2) > u.size(-1)
-                updates[i] = (ortho[j].mT if tall else ortho[j]) * _shape_scale(u)
+                parts[i][j] = (ortho[n].mT if tall else ortho[n]) * _shape_scale(u)
+        updates = [_join(parts[i]) for i in range(len(plain))]
         if wd:
             torch._foreach_mul_(plain, 1 - lr * wd)
-        torch._foreach_add_(plain, [updates[i] for i in range(len(plain))], alpha=-lr)
+        torch._foreach_add_(plain, updates, alpha=-lr)
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -204,6 +230,32 @@ def _shape_scale(u: torch.Tensor) -> float:
 def _wide(u: torch.Tensor) -> torch.Tensor:
     """`u` in its wide orientation (rows ≤ columns)."""
     return u.mT if u.size(-2) > u.size(-1) else u
+
+
+def _row_split(u: torch.Tensor, blocks: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
+    """`u`'s row blocks (views), or `u` alone."""
+    return (u,) if blocks is None else torch.split(u, list(blocks), dim=0)
+
+
+def _join(parts: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Row blocks 0, 1, … stacked back into one matrix (one block: itself)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([parts[j] for j in range(len(parts))], dim=0)
+
+
+def qkv_row_blocks(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:
+    """id(weight) → (query, key, value) rows of every fused attention projection: Muon then
+    orthogonalises the three apart, as modded-nanogpt's separate projections are."""
+    from scratchllm.model.attention import MultiHeadAttention
+
+    blocks = {}
+    for m in model.modules():
+        weight = getattr(getattr(m, "qkv", None), "weight", None)
+        rows = (m.q_dim, m.kv_dim, m.kv_dim) if isinstance(m, MultiHeadAttention) else ()
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.size(0) == sum(rows):
+            blocks[id(weight)] = rows
+    return blocks
 
 
 def split_for_muon(model: torch.nn.Module) -> tuple[list, list, list]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scratchllm.train.muon import MuonAdamW, muon_ns_dtype, split_for_muon
+from scratchllm.train.muon import MuonAdamW, muon_ns_dtype, qkv_row_blocks, split_for_muon
 
 # -- optimizer ---------------------------------------------------------------------------------
 # Measured with benchmarks/train_throughput.py: on CPU the fused AdamW kernel beats the foreach
@@ -65,7 +65,11 @@ def _muon(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> 
         dict(params=vectors, weight_decay=0.0, **adam),
         *_embedding_group(embeddings, config, adam),
     ]
-    return MuonAdamW([g for g in groups if g["params"]], ns_dtype=muon_ns_dtype(device))
+    return MuonAdamW(
+        [g for g in groups if g["params"]],
+        ns_dtype=muon_ns_dtype(device),
+        row_blocks=qkv_row_blocks(model) if config.muon_split_qkv else None,
+    )
 
 
 def _own_lr_embeddings(

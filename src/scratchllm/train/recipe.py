@@ -212,6 +212,7 @@ def _tokens_per_s(
     from scratchllm.config import ModelConfig
     from scratchllm.model.gpt import GPTModel
     from scratchllm.train.muon import MuonAdamW, muon_ns_dtype, split_for_muon
+    from scratchllm.train.tasks import lm_loss
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     config = ModelConfig.from_dict(
@@ -228,8 +229,7 @@ def _tokens_per_s(
 
     def step() -> None:
         with autocast:
-            logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
+            loss = lm_loss(model, x, x)  # the training loss, as the trainer computes it
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scratchllm.settings import Settings, setting
+from scratchllm.train.schedule import SCHEDULES
 
 SEED_LIMIT = 2**63  # torch.manual_seed takes 64 bits; one rank's seed is `seed` + its rank
 _UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -74,11 +75,12 @@ class TrainConfig(OptimSettings):
     )
     schedule: str = setting(
         "cosine",
-        help="learning-rate schedule (wsd: warmup, stable at the peak, linear decay)",
-        choices=("cosine", "constant", "wsd"),
+        help="learning-rate schedule (wsd: warmup, stable at the peak, linear decay; "
+        "wsd-sqrt: the decay 1 − √progress)",
+        choices=SCHEDULES,
     )
     decay_fraction: float = setting(
-        0.2, help="wsd: the last fraction of training spent decaying", gt=0, le=1
+        0.2, help="wsd, wsd-sqrt: the last fraction of training spent decaying", gt=0, le=1
     )
     beta1: float = setting(0.9, help="AdamW β1", ge=0, lt=1, flag=False)
     beta2: float = setting(0.95, help="AdamW β2", ge=0, lt=1, flag=False)
@@ -98,6 +100,11 @@ class TrainConfig(OptimSettings):
     muon_lr: float = setting(0.02, help="peak learning rate of the Muon weights", gt=0)
     muon_weight_decay: float = setting(
         0.0, help="decoupled weight decay of the Muon weights: p ← p·(1 − lr·wd) each step", ge=0
+    )
+    muon_split_qkv: bool = setting(
+        False,
+        help="orthogonalise the fused query/key/value weight's three parts apart (as "
+        "modded-nanogpt's separate projections) instead of as one matrix",
     )
     embedding_lr: float | None = setting(
         None,

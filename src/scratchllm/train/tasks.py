@@ -16,9 +16,40 @@ from scratchllm.model.gpt import GPTModel
 from scratchllm.tokenizers import Tokenizer
 
 
+class LowPrecisionCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of bf16/fp16 logits (N, V) against ids (N,), without an fp32 copy.
+
+    The log-softmax is computed with fp32 sums and stored in the logits' dtype; the mean is an
+    fp32 sum. Backward is `softmax - one_hot` from that stored log-softmax, scaled by 1/N, as
+    torch's own log-softmax backward computes it (in the same dtype), in two passes over the
+    N × V block instead of five (fp32 copy, log-softmax, zero fill, scatter, backward, cast).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        logp = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(logp, target)
+        return logp.gather(1, target[:, None]).float().mean().neg()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        logp, target = ctx.saved_tensors
+        n = logp.shape[0]
+        scale = (grad / n).to(logp.dtype)
+        out = logp.exp().mul_(scale)
+        rows = torch.arange(n, device=logp.device)
+        out.index_put_((rows, target), -scale.expand(n), accumulate=True)
+        return out, None
+
+
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    """Mean next-token cross-entropy. Training with bf16/fp16 logits (autocast) takes
+    `LowPrecisionCrossEntropy`: with a 4096-id vocabulary the fp32 path's passes over the
+    batch × vocabulary block were 11% of a CPU training step. Evaluation stays in fp32."""
+    logits = model(x).flatten(0, 1)
+    if logits.dtype in (torch.bfloat16, torch.float16) and logits.requires_grad:
+        return LowPrecisionCrossEntropy.apply(logits, y.flatten())
+    return F.cross_entropy(logits.float(), y.flatten())
 
 
 class LMTask:
