@@ -1,7 +1,6 @@
 """The model against known answers (the book's parameter counts) and mathematics."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ import torch
 from scratchllm import GPTModel, InputError, ModelConfig
 from scratchllm.config import PRESETS
 from scratchllm.model import FeedForward, LayerNorm, MultiHeadAttention
-from scratchllm.model.layers import Dropout
 
 
 def tiny(**kw) -> ModelConfig:
@@ -364,27 +362,3 @@ def test_classifier_checkpoint_loads_from_its_config_and_old_ones_from_meta(tmp_
     old = load_checkpoint(tmp_path / "old").model
     assert old.config.num_classes == 3
     torch.testing.assert_close(old(idx), expected)
-
-
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_drops_a_share_p_and_rescales_the_rest(p):
-    """The CPU mask of `layers.Dropout`: each element dropped with probability p (within 5
-    standard deviations over 10⁶ elements), the rest scaled by 1/(1 − p), the gradient the
-    same mask; a new mask each call, the same one under the same seed; identity in eval."""
-    drop = Dropout(p)
-    x = torch.ones(1000, 1000, dtype=torch.bfloat16, requires_grad=True)
-    torch.manual_seed(0)
-    y = drop(x)
-    dropped = (y == 0).float().mean().item()
-    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / x.numel())
-    kept = y[y != 0].float()
-    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-2)
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # d(x·mask)/dx = mask
-    torch.manual_seed(0)
-    assert torch.equal(drop(x), y)
-    assert not torch.equal(drop(x), y)
-    odd = torch.ones(7, 3)  # an odd element count: half a draw left over
-    assert drop(odd).shape == (7, 3)
-    drop.eval()
-    assert drop(x) is x

@@ -14,7 +14,7 @@ from torch import nn
 from scratchllm.config import ModelConfig
 from scratchllm.errors import InputError
 from scratchllm.model.attention import KVCache, MultiHeadAttention
-from scratchllm.model.layers import Dropout, FeedForward, RotaryEmbedding, make_norm, softcap
+from scratchllm.model.layers import FeedForward, RotaryEmbedding, make_norm, softcap
 
 if TYPE_CHECKING:
     from scratchllm.tokenizers import Tokenizer
@@ -46,7 +46,7 @@ class TransformerBlock(nn.Module):
         self.att = MultiHeadAttention(config, layer_idx)
         self.norm2 = make_norm(config)
         self.ff = FeedForward(config)
-        self.drop_shortcut = Dropout(config.drop_rate)
+        self.drop_shortcut = nn.Dropout(config.drop_rate)
 
     def forward(
         self,
@@ -79,7 +79,7 @@ class GPTModel(nn.Module):
         learned = config.pos_embedding == "learned"
         self.pos_emb = nn.Embedding(config.context_length, config.emb_dim) if learned else None
         self.rope = RotaryEmbedding(config) if not learned else None
-        self.drop_emb = Dropout(config.drop_rate)
+        self.drop_emb = nn.Dropout(config.drop_rate)
         self.trf_blocks = nn.ModuleList(
             [TransformerBlock(config, i) for i in range(config.n_layers)]
         )

@@ -16,7 +16,7 @@ from scratchllm.model.gpt import GPTModel
 from scratchllm.tokenizers import Tokenizer
 
 
-class LowPrecisionCrossEntropy(torch.autograd.Function):
+class FusedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of bf16/fp16 logits (N, V) against ids (N,), fused.
 
     The same numbers as `F.cross_entropy(logits.float(), target)` and its gradient cast back
@@ -48,11 +48,11 @@ class LowPrecisionCrossEntropy(torch.autograd.Function):
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy. Training with bf16/fp16 logits (autocast) takes the fused
-    `LowPrecisionCrossEntropy` (the same numbers): with a 4096-id vocabulary the separate
+    `FusedCrossEntropy` (the same numbers): with a 4096-id vocabulary the separate
     passes over the batch × vocabulary block cost 10% of a CPU training step."""
     logits = model(x).flatten(0, 1)
     if logits.dtype in (torch.bfloat16, torch.float16) and logits.requires_grad:
-        return LowPrecisionCrossEntropy.apply(logits, y.flatten())
+        return FusedCrossEntropy.apply(logits, y.flatten())
     return F.cross_entropy(logits.float(), y.flatten())
 
 
