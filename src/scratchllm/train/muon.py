@@ -249,13 +249,11 @@ def qkv_row_blocks(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:
     orthogonalises the three apart, as modded-nanogpt's separate projections are."""
     from scratchllm.model.attention import MultiHeadAttention
 
-    blocks = {}
-    for m in model.modules():
-        weight = getattr(getattr(m, "qkv", None), "weight", None)
-        rows = (m.q_dim, m.kv_dim, m.kv_dim) if isinstance(m, MultiHeadAttention) else ()
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.size(0) == sum(rows):
-            blocks[id(weight)] = rows
-    return blocks
+    return {
+        id(m.qkv.weight): (m.q_dim, m.kv_dim, m.kv_dim)
+        for m in model.modules()
+        if isinstance(m, MultiHeadAttention) and isinstance(m.qkv, torch.nn.Linear)
+    }
 
 
 def split_for_muon(model: torch.nn.Module) -> tuple[list, list, list]:
