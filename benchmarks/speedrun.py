@@ -79,6 +79,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "rmsnorm": ("parameter-free RMSNorm instead of LayerNorm", {"norm": "rmsnorm_noparam"}, {}),
     "softcap": ("logits soft-capped at 15", {"logit_softcap": 15.0}, {}),
     "tied_head": ("tied head instead of untied", {"tie_embeddings": True}, {}),
+    "no_smear": ("no smear gate", {"smear": False}, {}),
 }
 # Validation tokens each evaluation scores (the training split is scored on as many): all of
 # Tiny Shakespeare's 111k would make evaluation cost more than the training between two of them.

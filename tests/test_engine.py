@@ -29,10 +29,16 @@ def make_model(**kw) -> GPTModel:
     return GPTModel(ModelConfig(**config)).eval()
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "smear"])
 def model(request):
     if request.param == "gpt2":
         return make_model()
+    if request.param == "smear":  # reads each row's previous token id from the cache
+        model = make_model(pos_embedding="rope", smear=True, bias=False)
+        with torch.no_grad():  # a gate that acts (it starts closed)
+            model.smear.scale.fill_(2.0)
+            model.smear.weight.normal_()
+        return model
     # RoPE, RMSNorm, SwiGLU and grouped-query heads: positions reach the model differently.
     return make_model(
         pos_embedding="rope",

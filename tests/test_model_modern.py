@@ -1,5 +1,5 @@
 """The modern architecture options (issue 15): ReLU², parameter-free RMSNorm, zero-initialised
-projections, logit soft-capping and the gpt-modern presets, each against the formula it names,
+projections, logit soft-capping, the smear gate and the gpt-modern presets, each against the formula it names,
 through training, the decode path, checkpoints and the Hugging Face export's refusal."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from scratchllm import (
 from scratchllm.hub.families import export_spec
 from scratchllm.inference.decode import DecodeStep
 from scratchllm.model import FeedForward
-from scratchllm.model.layers import RMSNorm, make_norm, softcap
+from scratchllm.model.layers import RMSNorm, SmearGate, make_norm, softcap
 
 MODERN = ("gpt-modern-nano", "gpt-modern-micro", "gpt-modern-small")
 
@@ -141,7 +141,7 @@ def test_modern_presets_combine_the_options_at_the_small_sizes():
         # What paid in benchmarks/speedrun.py's ablation rows (config.GPT_MODERN says which).
         assert (c.pos_embedding, c.norm, c.ffn) == ("rope", "layernorm", "gelu")
         assert c.qk_norm and c.zero_init_proj and not c.tie_embeddings
-        assert c.logit_softcap is None and not c.bias and not c.qkv_bias
+        assert c.logit_softcap is None and not c.bias and not c.qkv_bias and c.smear
         classic = ModelConfig.from_preset(sizes.get(name, "gpt2-small"))
         shape = ("context_length", "emb_dim", "n_heads", "n_layers", "vocab_size")
         assert [getattr(c, f) for f in shape] == [getattr(classic, f) for f in shape], name
@@ -197,6 +197,52 @@ def test_decode_step_and_cached_generation_equal_the_full_forward():
     assert torch.equal(cached, uncached)
 
 
+# -- smear ------------------------------------------------------------------------------------
+def test_smear_gate_on_a_known_input():
+    gate = SmearGate(4, width=2)
+    with torch.no_grad():
+        gate.scale.fill_(0.5)
+        gate.weight.copy_(torch.tensor([1.0, -1.0]))
+    x = torch.tensor([[[1.0, 0, 2, 3], [2.0, 2, 0, 1], [0.0, 3, 1, 1]]])
+    want = x.clone()
+    for t in (1, 2):  # x_t + 0.5·σ(x_t0 − x_t1)·x_{t−1}; the first token has no previous one
+        want[0, t] += 0.5 * torch.sigmoid(x[0, t, 0] - x[0, t, 1]) * x[0, t - 1]
+    assert torch.allclose(gate(x), want)
+    prev = torch.tensor([[1.0, 1, 1, 1]])  # a continuation: x[:, 0] has a previous token too
+    want[0, 0] += 0.5 * torch.sigmoid(x[0, 0, 0] - x[0, 0, 1]) * prev[0]
+    assert torch.allclose(gate(x, prev), want)
+
+
+def test_smear_starts_closed_and_its_cached_decoding_equals_the_full_forward():
+    torch.manual_seed(0)
+    plain = GPTModel(modern_tiny(smear=False))
+    torch.manual_seed(0)
+    model = GPTModel(modern_tiny())  # the preset's gate: its zeros draw nothing, same init
+    assert model.smear is not None
+    idx = torch.randint(0, 257, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(idx), plain(idx))
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.smear.scale.fill_(2.0)
+    model.eval()
+    with torch.no_grad():
+        full = model(idx)[:, 5:]
+        assert not torch.allclose(full, plain(idx)[:, 5:], atol=1e-3)  # the gate acts
+        decode = DecodeStep(model)  # the one-call kernels, with the gate before them
+        for step in (
+            lambda t, cache: model(idx[:, t : t + 1], cache=cache)[:, -1],
+            lambda t, cache: decode(idx[:, t], cache),
+        ):
+            cache = model.new_cache(2, 16)
+            model(idx[:, :5], cache=cache)  # a prefill, then one token at a time
+            steps = [step(t, cache) for t in range(5, 12)]
+            assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
+    assert torch.equal(
+        generate(model, idx, 10, use_cache=True), generate(model, idx, 10, use_cache=False)
+    )
+
+
 def test_head_logits_is_the_forward_head():
     model = _trained_modern()
     idx = torch.randint(0, 257, (1, 9))
@@ -233,6 +279,7 @@ def test_modern_checkpoint_and_config_json_round_trip(tmp_path):
         (dict(ffn="relu2"), "ffn=relu2"),
         (dict(norm="rmsnorm_noparam"), "norm=rmsnorm_noparam"),
         (dict(logit_softcap=30.0), "logit_softcap"),
+        (dict(smear=True), "smear"),
     ],
 )
 def test_hub_export_refuses_the_modern_options(kw, what):
@@ -244,7 +291,9 @@ def test_hub_export_refuses_the_modern_options(kw, what):
 
 
 def test_hub_export_refuses_the_modern_presets_and_keeps_zero_init():
-    # No Hugging Face architecture has RoPE with LayerNorm and GELU.
-    with pytest.raises(InputError, match="pos_embedding=rope, norm=layernorm"):
+    with pytest.raises(InputError, match="smear"):
         export_spec(ModelConfig.from_preset("gpt-modern-nano"), "model")
+    # Nor has any Hugging Face architecture RoPE with LayerNorm and GELU.
+    with pytest.raises(InputError, match="pos_embedding=rope, norm=layernorm"):
+        export_spec(ModelConfig.from_preset("gpt-modern-nano", smear=False), "model")
     assert export_spec(tiny(zero_init_proj=True), "model").family == "gpt2"  # only the init

@@ -56,6 +56,9 @@ class ModelConfig:
     # Std of the embedding init. None: 1.0 (PyTorch's nn.Embedding default, the book's model)
     # when the head is untied, 0.02 (GPT-2) when it is tied, since the head then shares it.
     emb_init_std: float | None = None
+    # Smear (modded-nanogpt): each token's embedding adds a gated share of the previous token's,
+    # x_t + λ·σ(w·x_t[:12])·x_{t-1} with λ = 0 at init; a bigram path beside attention.
+    smear: bool = False
     # A classifier (ch. 6): the head maps the final states to this many classes, not to the
     # vocabulary, and is never tied. None: the language-model head.
     num_classes: int | None = None
@@ -317,6 +320,7 @@ GPT_MODERN: dict[str, Any] = dict(
     zero_init_proj=True,
     tie_embeddings=False,
     logit_softcap=None,
+    smear=True,
     bias=False,
     qkv_bias=False,
     drop_rate=0.0,

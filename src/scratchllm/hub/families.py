@@ -194,6 +194,7 @@ def export_spec(config: ModelConfig, source: str) -> HFSpec:
             ("ffn=relu2", c.ffn == "relu2"),
             ("norm=rmsnorm_noparam", c.norm == "rmsnorm_noparam"),
             ("logit_softcap", c.logit_softcap is not None),
+            ("smear", c.smear),
         )
         if used
     ]

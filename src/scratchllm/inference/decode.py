@@ -148,6 +148,7 @@ class DecodeStep:
         self.model = model
         self.context_length = model.config.context_length
         self.tok_emb = model.tok_emb.weight
+        self.smear = model.smear
         self.pos_emb = model.pos_emb.weight if model.pos_emb is not None else None
         self.rope = model.rope
         self.layers = [_layer_step(block) for block in model.trf_blocks]
@@ -199,6 +200,11 @@ class DecodeStep:
                 f"length {self.context_length}"
             )
         x = F.embedding(tokens, self.tok_emb)
+        if self.smear is not None:  # as `GPTModel.forward`: the previous ids from the cache
+            prev = cache.previous_tokens()
+            prev = None if prev is None else F.embedding(prev, self.tok_emb)
+            x = self.smear(x[:, None], prev)[:, 0]
+            cache.record_tokens(tokens[:, None])
         tables = None
         if self.pos_emb is not None:
             x = x + self.pos_emb[positions if positions is not None else length]

@@ -58,6 +58,16 @@ class KVCache:
         ]
         self.max_len = max_len
         self.length = 0  # positions already stored
+        self.last_tokens: torch.Tensor | None = None  # (B,) ids: the smear gate's input
+
+    def previous_tokens(self) -> torch.Tensor | None:
+        """(B,) id of the token before the next one (None at the start): what a `smear` model
+        mixes into the next token's embedding. Kept only by such models (`record_tokens`)."""
+        return self.last_tokens if self.length else None
+
+    def record_tokens(self, idx: torch.Tensor) -> None:
+        """Note the (B, T) ids about to be stored (call before `advance`)."""
+        self.last_tokens = idx[:, -1]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -74,6 +84,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.last_tokens = None
 
 
 class BatchKVCache:
@@ -102,6 +113,9 @@ class BatchKVCache:
         shape = (batch_size, config.kv_heads, capacity, config.head_size)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
+        # Each position's token id, shaped like a key store so that resizing, `select` and
+        # `merge` treat it alike: a `smear` model reads the id before each row's next token.
+        self.tokens = [torch.zeros((batch_size, 1, capacity, 1), dtype=torch.long, device=device)]
         self.lengths_list = [0] * batch_size  # host copy: no device sync to read a length
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._rows = torch.arange(batch_size, device=device)
@@ -145,6 +159,22 @@ class BatchKVCache:
         values[self._rows, :, self.lengths] = v[:, :, 0].to(values.dtype)
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def previous_tokens(self) -> torch.Tensor | None:
+        """(B,) id of the token before each row's next one; None while the cache is empty (a
+        row joined for decoding holds at least its prompt's first token)."""
+        if not self.length:
+            return None
+        return self.tokens[0][self._rows, 0, (self.lengths - 1).clamp_min(0), 0]
+
+    def record_tokens(self, idx: torch.Tensor) -> None:
+        """Store the (B, T) ids at the positions `update` writes (call before `advance`)."""
+        store = self.tokens[0]
+        if self.uniform:
+            start = self.lengths_list[0] if self.lengths_list else 0
+            store[:, 0, start : start + idx.shape[1], 0] = idx
+        else:
+            store[self._rows, 0, self.lengths, 0] = idx[:, 0]
+
     def advance(self, n: int) -> None:
         self.lengths_list = [n_ + n for n_ in self.lengths_list]
         self.lengths += n
@@ -178,7 +208,7 @@ class BatchKVCache:
 
     def _resize(self, capacity: int) -> None:
         keep = min(capacity, self.capacity)
-        for store in (self.keys, self.values):
+        for store in (self.keys, self.values, self.tokens):
             for i, old in enumerate(store):
                 b, h, _, d = old.shape
                 grown = torch.zeros((b, h, capacity, d), device=old.device, dtype=old.dtype)
@@ -189,7 +219,7 @@ class BatchKVCache:
         """Keep only `rows` (in that order; a row may repeat, e.g. to fork n samples)."""
         index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
         used = max(1, self.length)
-        for store in (self.keys, self.values):
+        for store in (self.keys, self.values, self.tokens):
             for i, old in enumerate(store):
                 new = torch.zeros((len(rows), *old.shape[1:]), device=old.device, dtype=old.dtype)
                 new[:, :, :used] = old[index, :, :used]
@@ -202,7 +232,8 @@ class BatchKVCache:
         """Append the rows of `other` after this cache's rows."""
         capacity = max(self.capacity, other.capacity)
         mine, yours = self.length, other.length
-        for store, theirs in ((self.keys, other.keys), (self.values, other.values)):
+        pairs = (self.keys, other.keys), (self.values, other.values), (self.tokens, other.tokens)
+        for store, theirs in pairs:
             for i, old in enumerate(store):
                 b, h, _, d = old.shape
                 new = torch.zeros(

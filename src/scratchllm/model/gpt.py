@@ -14,7 +14,7 @@ from torch import nn
 from scratchllm.config import ModelConfig
 from scratchllm.errors import InputError
 from scratchllm.model.attention import KVCache, MultiHeadAttention
-from scratchllm.model.layers import FeedForward, RotaryEmbedding, make_norm, softcap
+from scratchllm.model.layers import FeedForward, RotaryEmbedding, SmearGate, make_norm, softcap
 
 if TYPE_CHECKING:
     from scratchllm.tokenizers import Tokenizer
@@ -76,6 +76,7 @@ class GPTModel(nn.Module):
 
     def _build(self, config: ModelConfig) -> None:
         self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
+        self.smear = SmearGate(config.emb_dim) if config.smear else None
         learned = config.pos_embedding == "learned"
         self.pos_emb = nn.Embedding(config.context_length, config.emb_dim) if learned else None
         self.rope = RotaryEmbedding(config) if not learned else None
@@ -112,6 +113,8 @@ class GPTModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=self._emb_std())
+            elif isinstance(module, SmearGate):
+                module.reset_parameters()
 
     def _emb_std(self) -> float:
         # Small-std embeddings (GPT-2) make a deep untied model sit on the unigram plateau for
@@ -164,6 +167,11 @@ class GPTModel(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + t, device=idx.device)
         x = self.tok_emb(idx)
+        if self.smear is not None:
+            prev = cache.previous_tokens() if cache is not None else None
+            x = self.smear(x, None if prev is None else self.tok_emb(prev))
+            if cache is not None:
+                cache.record_tokens(idx)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)

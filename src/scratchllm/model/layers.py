@@ -1,5 +1,5 @@
-"""Building blocks: normalisations, GELU/ReLU², the feed-forward network, rotary embeddings
-and logit soft-capping."""
+"""Building blocks: normalisations, GELU/ReLU², the feed-forward network, the smear gate,
+rotary embeddings and logit soft-capping."""
 
 from __future__ import annotations
 
@@ -125,6 +125,35 @@ class FeedForward(nn.Module):
         if self.swiglu:
             return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
         return self.fc2(self.activation(self.fc1(x)))
+
+
+class SmearGate(nn.Module):
+    """x_t + λ·σ(w·x_t[:width])·x_{t-1}: each token's embedding takes a gated share of the
+    previous token's (modded-nanogpt's smear). λ starts at 0, so the model starts without it.
+
+    A 4-layer model spends attention on "what was the last token" otherwise; here it costs two
+    element-wise passes. Both parameters are vectors (AdamW's group, never Muon's).
+    """
+
+    def __init__(self, dim: int, width: int = 12) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(min(width, dim)))
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.scale)
+
+    def forward(self, x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d) embeddings; `prev` (B, d): the embedding of the token before x[:, 0]
+        (a KV-cache continuation), None where x[:, 0] starts its sequence."""
+        w = self.weight.to(x.dtype)
+        gate = self.scale.to(x.dtype) * torch.sigmoid(x[..., : w.shape[0]] @ w)[..., None]
+        if prev is not None:
+            return x + gate * torch.cat([prev[:, None].to(x.dtype), x[:, :-1]], dim=1)
+        if x.shape[1] == 1:
+            return x
+        return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
