@@ -1,6 +1,7 @@
 """The modern architecture options (issue 15): ReLU², parameter-free RMSNorm, zero-initialised
-projections, logit soft-capping, the smear gate and the gpt-modern presets, each against the formula it names,
-through training, the decode path, checkpoints and the Hugging Face export's refusal."""
+projections, logit soft-capping, the smear gate and the gpt-modern presets, each against the
+formula it names, through training, the decode path, checkpoints and the Hugging Face export's
+refusal."""
 
 from __future__ import annotations
 
