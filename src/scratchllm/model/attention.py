@@ -140,24 +140,27 @@ class BatchKVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        t = k.shape[2]
+        end = self._put(self.keys[layer], k)
+        self._put(self.values[layer], v)
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def _put(self, store: torch.Tensor, new: torch.Tensor) -> int:
+        """Write `new` (B, h, t, d) at each row's next positions; return the end position."""
+        t = new.shape[2]
         if self.uniform:  # every row at the same length: one slice write, nothing to mask
             start = self.lengths_list[0] if self.lengths_list else 0
             end = start + t
-            if end > self.capacity:
-                raise ValueError(f"KV cache holds {self.capacity} positions, asked for {end}")
-            self.keys[layer][:, :, start:end] = k
-            self.values[layer][:, :, start:end] = v
-            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-        if t != 1:
+        elif t != 1:
             raise ValueError("rows of different lengths can only advance one token at a time")
-        end = self.length + 1
+        else:
+            end = self.length + 1
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, asked for {end}")
-        keys, values = self.keys[layer], self.values[layer]  # index_put does not cast: we do
-        keys[self._rows, :, self.lengths] = k[:, :, 0].to(keys.dtype)
-        values[self._rows, :, self.lengths] = v[:, :, 0].to(values.dtype)
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        if self.uniform:
+            store[:, :, start:end] = new
+        else:  # index_put does not cast: we do
+            store[self._rows, :, self.lengths] = new[:, :, 0].to(store.dtype)
+        return end
 
     def previous_tokens(self) -> torch.Tensor | None:
         """(B,) id of the token before each row's next one; None while the cache is empty (a
@@ -167,13 +170,8 @@ class BatchKVCache:
         return self.tokens[0][self._rows, 0, (self.lengths - 1).clamp_min(0), 0]
 
     def record_tokens(self, idx: torch.Tensor) -> None:
-        """Store the (B, T) ids at the positions `update` writes (call before `advance`)."""
-        store = self.tokens[0]
-        if self.uniform:
-            start = self.lengths_list[0] if self.lengths_list else 0
-            store[:, 0, start : start + idx.shape[1], 0] = idx
-        else:
-            store[self._rows, 0, self.lengths, 0] = idx[:, 0]
+        """Store the (B, T) ids where `update` writes the keys (call before `advance`)."""
+        self._put(self.tokens[0], idx[:, None, :, None])
 
     def advance(self, n: int) -> None:
         self.lengths_list = [n_ + n for n_ in self.lengths_list]
