@@ -29,15 +29,17 @@ def make_model(**kw) -> GPTModel:
     return GPTModel(ModelConfig(**config)).eval()
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "smear"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gates"])
 def model(request):
     if request.param == "gpt2":
         return make_model()
-    if request.param == "smear":  # reads each row's previous token id from the cache
-        model = make_model(pos_embedding="rope", smear=True, bias=False)
-        with torch.no_grad():  # a gate that acts (it starts closed)
+    if request.param == "gates":  # the smear reads each row's previous token id from the cache
+        model = make_model(pos_embedding="rope", smear=True, attn_gate=True, bias=False)
+        with torch.no_grad():  # gates that act (both start neutral)
             model.smear.scale.fill_(2.0)
             model.smear.weight.normal_()
+            for block in model.trf_blocks:
+                block.att.gate.weight.normal_()
         return model
     # RoPE, RMSNorm, SwiGLU and grouped-query heads: positions reach the model differently.
     return make_model(

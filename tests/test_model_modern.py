@@ -1,7 +1,7 @@
 """The modern architecture options (issue 15): ReLU², parameter-free RMSNorm, zero-initialised
-projections, logit soft-capping, the smear gate and the gpt-modern presets, each against the
-formula it names, through training, the decode path, checkpoints and the Hugging Face export's
-refusal."""
+projections, logit soft-capping, the smear and attention gates and the gpt-modern presets, each
+against the formula it names, through training, the decode path, checkpoints and the Hugging
+Face export's refusal."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from scratchllm import (
 from scratchllm.hub.families import export_spec
 from scratchllm.inference.decode import DecodeStep
 from scratchllm.model import FeedForward
-from scratchllm.model.layers import RMSNorm, SmearGate, make_norm, softcap
+from scratchllm.model.layers import AttentionGate, RMSNorm, SmearGate, make_norm, softcap
+from scratchllm.train.muon import split_for_muon
 
 MODERN = ("gpt-modern-nano", "gpt-modern-micro", "gpt-modern-small")
 
@@ -198,7 +199,7 @@ def test_decode_step_and_cached_generation_equal_the_full_forward():
     assert torch.equal(cached, uncached)
 
 
-# -- smear ------------------------------------------------------------------------------------
+# -- smear and attention gates ----------------------------------------------------------------
 def test_smear_gate_on_a_known_input():
     gate = SmearGate(4, width=2)
     with torch.no_grad():
@@ -214,23 +215,52 @@ def test_smear_gate_on_a_known_input():
     assert torch.allclose(gate(x, prev), want)
 
 
-def test_smear_starts_closed_and_its_cached_decoding_equals_the_full_forward():
+def test_attention_gate_on_a_known_input():
+    gate = AttentionGate(4, n_heads=2, width=2)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([[1.0, -1.0], [0.0, 2.0]]))
+    x = torch.tensor([[[1.0, 0, 2, 3], [2.0, 2, 0, 1], [0.0, 3, 1, 1]]])  # (B, T, d)
+    heads = torch.randn(1, 2, 3, 5)  # (B, H, T, head_dim)
+    want = heads.clone()
+    for t in range(3):  # head 0: σ(x_t0 − x_t1); head 1: σ(2·x_t1)
+        want[0, 0, t] *= torch.sigmoid(x[0, t, 0] - x[0, t, 1])
+        want[0, 1, t] *= torch.sigmoid(2 * x[0, t, 1])
+    assert torch.allclose(gate(x, heads), want)
+    model = GPTModel(modern_tiny(attn_gate=True))
+    hidden, matrices, _ = split_for_muon(model)  # the gates' small matrices stay with AdamW
+    gates = {id(b.att.gate.weight) for b in model.trf_blocks}
+    assert gates <= {id(p) for p in matrices} and not gates & {id(p) for p in hidden}
+
+
+def _open_gates(model: GPTModel) -> None:
+    """Gates that act (both start neutral): the smear's scale up, the attention gates drawn."""
+    if model.smear is not None:
+        model.smear.scale.fill_(2.0)
+    for block in model.trf_blocks:
+        if block.att.gate is not None:
+            block.att.gate.weight.normal_()
+
+
+@pytest.mark.parametrize(
+    "gates", [dict(), dict(smear=False, attn_gate=True)], ids=["smear", "attn_gate"]
+)
+def test_gates_start_neutral_and_cached_decoding_equals_the_full_forward(gates):
     torch.manual_seed(0)
     plain = GPTModel(modern_tiny(smear=False))
     torch.manual_seed(0)
-    model = GPTModel(modern_tiny())  # the preset's gate: its zeros draw nothing, same init
-    assert model.smear is not None
+    model = GPTModel(modern_tiny(**gates))  # the gates' zeros draw nothing: the same init
+    assert (model.smear is not None) == gates.get("smear", True)
     idx = torch.randint(0, 257, (2, 12))
     with torch.no_grad():
-        assert torch.equal(model(idx), plain(idx))
+        assert torch.equal(model(idx), plain(idx))  # a neutral gate (zero projections behind)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        model.smear.scale.fill_(2.0)
+        _open_gates(model)
     model.eval()
     with torch.no_grad():
         full = model(idx)[:, 5:]
         assert not torch.allclose(full, plain(idx)[:, 5:], atol=1e-3)  # the gate acts
-        decode = DecodeStep(model)  # the one-call kernels, with the gate before them
+        decode = DecodeStep(model)  # the one-token path, with the gates in it
         for step in (
             lambda t, cache: model(idx[:, t : t + 1], cache=cache)[:, -1],
             lambda t, cache: decode(idx[:, t], cache),
@@ -281,6 +311,7 @@ def test_modern_checkpoint_and_config_json_round_trip(tmp_path):
         (dict(norm="rmsnorm_noparam"), "norm=rmsnorm_noparam"),
         (dict(logit_softcap=30.0), "logit_softcap"),
         (dict(smear=True), "smear"),
+        (dict(attn_gate=True), "attn_gate"),
     ],
 )
 def test_hub_export_refuses_the_modern_options(kw, what):

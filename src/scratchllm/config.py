@@ -59,6 +59,9 @@ class ModelConfig:
     # Smear (modded-nanogpt): each token's embedding adds a gated share of the previous token's,
     # x_t + λ·σ(w·x_t[:12])·x_{t-1} with λ = 0 at init; a bigram path beside attention.
     smear: bool = False
+    # Attention gate (Qiu et al. 2025; modded-nanogpt): each head's output scaled by
+    # σ(w_h·x_t[:12]) from the attention's input, w = 0 at init (every gate 0.5).
+    attn_gate: bool = False
     # A classifier (ch. 6): the head maps the final states to this many classes, not to the
     # vocabulary, and is never tied. None: the language-model head.
     num_classes: int | None = None

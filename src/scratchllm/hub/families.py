@@ -195,6 +195,7 @@ def export_spec(config: ModelConfig, source: str) -> HFSpec:
             ("norm=rmsnorm_noparam", c.norm == "rmsnorm_noparam"),
             ("logit_softcap", c.logit_softcap is not None),
             ("smear", c.smear),
+            ("attn_gate", c.attn_gate),
         )
         if used
     ]

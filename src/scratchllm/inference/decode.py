@@ -54,6 +54,7 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
     qkv, out_proj = att.qkv.forward, att.out_proj.forward
     q_norm = att.q_norm.forward if att.q_norm is not None else None
     k_norm = att.k_norm.forward if att.k_norm is not None else None
+    gate = att.gate.forward if att.gate is not None else None
     heads, kv_heads, head_dim = att.n_heads, att.kv_heads, att.head_dim
     q_end = att.q_dim
     k_end = att.q_dim + att.kv_dim
@@ -62,7 +63,8 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
 
     def step(x, rope, cache, mask):
         b = x.shape[0]
-        proj = qkv(norm1(x))
+        normed = norm1(x)
+        proj = qkv(normed)
         # (B, H·hd) → (B, H, 1, hd): for one position this view is forward's transpose.
         q = proj[:, :q_end].view(b, heads, 1, head_dim)
         k = proj[:, q_end:k_end].view(b, kv_heads, 1, head_dim)
@@ -75,6 +77,8 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
         a = kernels.attend(q, k, v, mask) if attend_kernel else None
         if a is None:  # a cache in another dtype (the engine's fp16 one) is widened first
             a = scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
+        if gate is not None:
+            a = gate(normed[:, None], a)
         x = x + out_proj(a.view(b, q_end))
         return x + feed_forward(norm2(x))
 
@@ -84,7 +88,7 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
 def _kernel_layer(block: TransformerBlock) -> tuple[kernels.BoundLayer, int] | None:
     """The block bound as one call of our C kernels (`kernels.BoundLayer`), and the rows per call
     its linears take; None for a block with another linear (fbgemm-only, LoRA, packed fp32), norm
-    or activation than the kernels compute, or parameters not in fp32.
+    or activation than the kernels compute, an attention gate, or parameters not in fp32.
 
     A batch-1 gpt2-small step spends about 80 us a layer in module calls and small ops around
     the matrix products (on the Zen 4 machine of docs/serving.md); the one call skips them."""
@@ -101,6 +105,7 @@ def _kernel_layer(block: TransformerBlock) -> tuple[kernels.BoundLayer, int] | N
     eps = {n.eps for n in (*norms, *(qk or ()))}
     if (
         None in linears
+        or att.gate is not None
         or activation is None
         or kind is None
         or type(norms[1]) is not type(norms[0])

@@ -10,7 +10,7 @@ from torch import nn
 from torch.torch_version import TorchVersion
 
 from scratchllm.config import ModelConfig
-from scratchllm.model.layers import RMSNorm, apply_rope
+from scratchllm.model.layers import AttentionGate, RMSNorm, apply_rope
 
 # SDPA shares key/value heads among query heads itself (`enable_gqa`) from torch 2.5 on; before,
 # the keys and values are repeated to one per query head, the same numbers at more memory.
@@ -275,6 +275,7 @@ class MultiHeadAttention(nn.Module):
         affine = config.norm != "rmsnorm_noparam"  # a parameter-free model: QK-norm too
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps, affine) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps, affine) if config.qk_norm else None
+        self.gate = AttentionGate(config.emb_dim, self.n_heads) if config.attn_gate else None
         self.dropout = config.drop_rate
         self.impl = "sdpa"
 
@@ -304,6 +305,8 @@ class MultiHeadAttention(nn.Module):
             out = self._explicit(q, k, v, attn_mask, dropout)
         else:
             out = self._sdpa(q, k, v, attn_mask, dropout)
+        if self.gate is not None:
+            out = self.gate(x, out)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, self.q_dim))
 
     def _sdpa(self, q, k, v, attn_mask, dropout) -> torch.Tensor:

@@ -14,7 +14,14 @@ from torch import nn
 from scratchllm.config import ModelConfig
 from scratchllm.errors import InputError
 from scratchllm.model.attention import KVCache, MultiHeadAttention
-from scratchllm.model.layers import FeedForward, RotaryEmbedding, SmearGate, make_norm, softcap
+from scratchllm.model.layers import (
+    AttentionGate,
+    FeedForward,
+    RotaryEmbedding,
+    SmearGate,
+    make_norm,
+    softcap,
+)
 
 if TYPE_CHECKING:
     from scratchllm.tokenizers import Tokenizer
@@ -113,7 +120,7 @@ class GPTModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=self._emb_std())
-            elif isinstance(module, SmearGate):
+            elif isinstance(module, (SmearGate, AttentionGate)):
                 module.reset_parameters()
 
     def _emb_std(self) -> float:

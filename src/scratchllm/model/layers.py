@@ -156,6 +156,30 @@ class SmearGate(nn.Module):
         return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
 
 
+class AttentionGate(nn.Module):
+    """Each head's output scaled by σ(w_h·x_t[:width]), x the attention's (normed) input: a head
+    can switch itself off for a token instead of attending somewhere harmless (Qiu et al. 2025,
+    "Gated Attention for LLMs"; modded-nanogpt's attention gate). w = 0 at init: every gate 0.5,
+    which the zero-initialised output projection does not notice.
+
+    `weight` is (heads, width): a small matrix, so `split_for_muon` keeps it in AdamW's group
+    (as measured) rather than orthogonalising it.
+    """
+
+    def __init__(self, dim: int, n_heads: int, width: int = 12) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_heads, min(width, dim)))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d) the attention's input; heads (B, H, T, head_dim) its per-head output."""
+        w = self.weight.to(x.dtype)
+        gate = torch.sigmoid(x[..., : w.shape[1]] @ w.mT)  # (B, T, H)
+        return heads * gate.transpose(1, 2)[..., None].to(heads.dtype)
+
+
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies for rotary embeddings, with Llama 3's frequency scaling if configured."""
     dim = config.head_size

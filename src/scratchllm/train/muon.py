@@ -259,11 +259,13 @@ def qkv_row_blocks(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:
 def split_for_muon(model: torch.nn.Module) -> tuple[list, list, list]:
     """(hidden 2-D weights for Muon, other ≥2-D weights, 1-D parameters) for AdamW.
 
-    Embedding tables and the output head (`out_head`, tied or not) are not hidden layers.
+    Embedding tables and the output head (`out_head`, tied or not) are not hidden layers, nor
+    is an attention gate's small (heads × 12) matrix.
     """
-    special = {
-        id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
-    }
+    from scratchllm.model.layers import AttentionGate
+
+    kinds = (torch.nn.Embedding, AttentionGate)
+    special = {id(p) for m in model.modules() if isinstance(m, kinds) for p in m.parameters()}
     head = getattr(model, "out_head", None)
     if isinstance(head, torch.nn.Module):
         special |= {id(p) for p in head.parameters()}
