@@ -80,6 +80,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "softcap": ("logits soft-capped at 15", {"logit_softcap": 15.0}, {}),
     "tied_head": ("tied head instead of untied", {"tie_embeddings": True}, {}),
     "no_smear": ("no smear gate", {"smear": False}, {}),
+    "no_attn_gate": ("no attention gate", {"attn_gate": False}, {}),
+    "fused_qkv_muon": ("Muon steps the fused qkv weight whole", {}, {"muon_split_qkv": False}),
+    "muon_lr_003": ("Muon rate 0.03 instead of 0.05", {}, {"muon_lr": 0.03}),
 }
 # Validation tokens each evaluation scores (the training split is scored on as many): all of
 # Tiny Shakespeare's 111k would make evaluation cost more than the training between two of them.
@@ -149,6 +152,7 @@ def _run(name: str, work: Path, val_tokens: int, **settings: Any) -> dict[str, A
                 "optimizer",
                 "lr",
                 "muon_lr",
+                "muon_split_qkv",
                 "embedding_lr",
                 "schedule",
                 "batch_size",

@@ -17,10 +17,12 @@ from scratchllm.model.lora import apply_lora
 
 ARCHS = {
     "gpt2": {"tie_embeddings": True},
-    # ReLU² in the GPT-2 block; RoPE and QK-norm (the speedrun recipe's) with ReLU²; parameter-free
-    # RMSNorm (QK-norm without weights too).
+    # ReLU² in the GPT-2 block; RoPE, QK-norm and the smear and attention gates (the speedrun
+    # recipe's) with ReLU²; parameter-free RMSNorm (QK-norm without weights too).
     "gpt2-relu2": {"ffn": "relu2"},
-    "modern": dict(pos_embedding="rope", qk_norm=True, ffn="relu2", bias=False),
+    "modern": dict(
+        pos_embedding="rope", qk_norm=True, ffn="relu2", bias=False, smear=True, attn_gate=True
+    ),
     "noparam": dict(pos_embedding="rope", norm="rmsnorm_noparam", ffn="gelu", qk_norm=True),
     # RoPE, RMSNorm, SwiGLU, grouped-query heads, QK-norm (Qwen3): every branch of the block.
     "llama": dict(
@@ -48,10 +50,12 @@ def make_model(arch: str) -> GPTModel:
         **ARCHS[arch],
     )
     model = GPTModel(config).eval()
-    with torch.no_grad():  # non-trivial norm weights, so a skipped norm would show
+    with torch.no_grad():  # non-trivial norm weights and open gates, so a skipped one would show
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            elif "gate" in name or "smear" in name:  # both start neutral (zeros)
+                p.normal_()
     return model
 
 

@@ -247,6 +247,8 @@ def test_attend_declines_what_it_does_not_take(built):
 
 BLOCKS = {
     "gpt2": {},  # LayerNorm, learned positions, GELU's tanh form
+    # the speedrun recipe's: RoPE, QK-norm, the attention gate (and the smear before the block)
+    "gated": dict(pos_embedding="rope", qk_norm=True, attn_gate=True, smear=True, bias=False),
     # RMSNorm, RoPE with llama3 scaling, grouped queries, QK-norm, SwiGLU
     "llama": dict(
         norm="rmsnorm",
@@ -271,9 +273,9 @@ BLOCKS = {
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv32", "kv16"])
 @pytest.mark.parametrize("arch", list(BLOCKS))
 def test_one_call_block_is_the_block(built, fmt, kv_dtype, arch, monkeypatch):
-    """`BoundLayer` (a block in one C call: its norms, RoPE, QK-norm, GELU's tanh form or SwiGLU
-    from our exp, the cache write rounding to fp16 as torch's `.half()` does) against the
-    modules' forward, on each build."""
+    """`BoundLayer` (a block in one C call: its norms, RoPE, QK-norm, the attention gate, GELU's
+    tanh form or SwiGLU from our exp, the cache write rounding to fp16 as torch's `.half()` does)
+    against the modules' forward, on each build."""
     from scratchllm import GPTModel, ModelConfig
     from scratchllm.inference.decode import DecodeStep
     from scratchllm.inference.weights import quantize_fp16, quantize_int8
@@ -290,6 +292,8 @@ def test_one_call_block_is_the_block(built, fmt, kv_dtype, arch, monkeypatch):
                 p.mul_(8)
             elif "norm" in name:  # norm weights that are not all ones
                 p.add_(0.2 * torch.randn_like(p))
+            elif "gate" in name or "smear" in name:  # gates that act (both start neutral)
+                p.normal_()
     model = (quantize_int8 if fmt == "int8" else quantize_fp16)(model)
     step = DecodeStep(model)
     assert step.kernel_rows >= 1

@@ -143,7 +143,7 @@ def test_modern_presets_combine_the_options_at_the_small_sizes():
         # What paid in benchmarks/speedrun.py's ablation rows (config.GPT_MODERN says which).
         assert (c.pos_embedding, c.norm, c.ffn) == ("rope", "layernorm", "gelu")
         assert c.qk_norm and c.zero_init_proj and not c.tie_embeddings
-        assert c.logit_softcap is None and not c.bias and not c.qkv_bias and c.smear
+        assert c.logit_softcap is None and not c.bias and not c.qkv_bias and c.smear and c.attn_gate
         classic = ModelConfig.from_preset(sizes.get(name, "gpt2-small"))
         shape = ("context_length", "emb_dim", "n_heads", "n_layers", "vocab_size")
         assert [getattr(c, f) for f in shape] == [getattr(classic, f) for f in shape], name
@@ -241,15 +241,13 @@ def _open_gates(model: GPTModel) -> None:
             block.att.gate.weight.normal_()
 
 
-@pytest.mark.parametrize(
-    "gates", [dict(), dict(smear=False, attn_gate=True)], ids=["smear", "attn_gate"]
-)
-def test_gates_start_neutral_and_cached_decoding_equals_the_full_forward(gates):
+@pytest.mark.parametrize("smear, attn_gate", [(True, False), (False, True), (True, True)])
+def test_gates_start_neutral_and_cached_decoding_equals_the_full_forward(smear, attn_gate):
     torch.manual_seed(0)
-    plain = GPTModel(modern_tiny(smear=False))
+    plain = GPTModel(modern_tiny(smear=False, attn_gate=False))
     torch.manual_seed(0)
-    model = GPTModel(modern_tiny(**gates))  # the gates' zeros draw nothing: the same init
-    assert (model.smear is not None) == gates.get("smear", True)
+    model = GPTModel(modern_tiny(smear=smear, attn_gate=attn_gate))  # zeros draw nothing
+    assert (model.smear is not None, model.trf_blocks[0].att.gate is not None) == (smear, attn_gate)
     idx = torch.randint(0, 257, (2, 12))
     with torch.no_grad():
         assert torch.equal(model(idx), plain(idx))  # a neutral gate (zero projections behind)
@@ -323,9 +321,10 @@ def test_hub_export_refuses_the_modern_options(kw, what):
 
 
 def test_hub_export_refuses_the_modern_presets_and_keeps_zero_init():
-    with pytest.raises(InputError, match="smear"):
+    with pytest.raises(InputError, match="smear, attn_gate"):
         export_spec(ModelConfig.from_preset("gpt-modern-nano"), "model")
     # Nor has any Hugging Face architecture RoPE with LayerNorm and GELU.
     with pytest.raises(InputError, match="pos_embedding=rope, norm=layernorm"):
-        export_spec(ModelConfig.from_preset("gpt-modern-nano", smear=False), "model")
+        plain = ModelConfig.from_preset("gpt-modern-nano", smear=False, attn_gate=False)
+        export_spec(plain, "model")
     assert export_spec(tiny(zero_init_proj=True), "model").family == "gpt2"  # only the init

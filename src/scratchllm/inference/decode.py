@@ -18,7 +18,7 @@ format.
 
 With fp16 or int8 weights on our kernels and no more rows than they take (fp32 activations),
 each block is instead one C call (`kernels.BoundLayer`: norm, qkv, QK-norm, RoPE, cache write,
-attention, projections with the residual adds, feed-forward): at batch 1 the module calls and
+attention, the attention gate, projections with the residual adds, feed-forward): at batch 1 the module calls and
 small ops cost as much as a fast kernel's streaming of a layer's weights (docs/serving.md).
 """
 
@@ -88,7 +88,7 @@ def _layer_step(block: TransformerBlock) -> LayerStep:
 def _kernel_layer(block: TransformerBlock) -> tuple[kernels.BoundLayer, int] | None:
     """The block bound as one call of our C kernels (`kernels.BoundLayer`), and the rows per call
     its linears take; None for a block with another linear (fbgemm-only, LoRA, packed fp32), norm
-    or activation than the kernels compute, an attention gate, or parameters not in fp32.
+    or activation than the kernels compute, or parameters not in fp32.
 
     A batch-1 gpt2-small step spends about 80 us a layer in module calls and small ops around
     the matrix products (on the Zen 4 machine of docs/serving.md); the one call skips them."""
@@ -103,14 +103,16 @@ def _kernel_layer(block: TransformerBlock) -> tuple[kernels.BoundLayer, int] | N
     params = [t for n in norms for t in _norm_params(n)]
     qk_params = None if qk is None else tuple(_norm_params(n)[0] for n in qk)
     eps = {n.eps for n in (*norms, *(qk or ()))}
+    gate = None if att.gate is None else att.gate.weight.detach()
     if (
         None in linears
-        or att.gate is not None
         or activation is None
         or kind is None
         or type(norms[1]) is not type(norms[0])
         or len(eps) != 1
-        or any(t is not None and t.dtype != torch.float32 for t in (*params, *(qk_params or ())))
+        or any(
+            t is not None and t.dtype != torch.float32 for t in (*params, *(qk_params or ()), gate)
+        )
     ):
         return None
     layer = kernels.BoundLayer(
@@ -122,6 +124,7 @@ def _kernel_layer(block: TransformerBlock) -> tuple[kernels.BoundLayer, int] | N
         att.n_heads,
         att.kv_heads,
         activation,
+        gate,
     )
     return layer, min(rows for _, rows in linears)
 

@@ -17,8 +17,8 @@ fallback. OpenMP resolves to the libgomp PyTorch already loaded: one thread pool
              rescaled in fp32.
   sl_f16:    fp16 weights widened to fp32 in registers; fp32 activations and accumulation.
   sl_attend: softmax(q Kᵀ / √D) V for one query per row and head over an fp32 or fp16 KV cache.
-  sl_layer:  one pre-norm block (norms, qkv, QK-norm, RoPE, cache write, attention, residual
-             projections, feed-forward) in one call, on the three above.
+  sl_layer:  one pre-norm block (norms, qkv, QK-norm, RoPE, cache write, attention, an
+             attention gate, residual projections, feed-forward) in one call, on the three above.
 */
 #include <math.h>
 #include <stdint.h>
@@ -397,6 +397,8 @@ typedef struct {
     double eps;
     sl_linear_t qkv, out, fc1, fc2, fc3;        /* fc3: SwiGLU's output projection */
     int64_t heads, kv_heads, head_dim, act;
+    const float *gate_w; /* attention gate: (heads × gate_width) weights; NULL: none */
+    int64_t gate_width;
 } sl_layer_t;
 
 static int run_linear(const sl_linear_t *l, const float *x, int64_t M, const float *res, float *y) {
@@ -548,6 +550,15 @@ int sl_layer(const sl_layer_t *L, float *x, int64_t M, void *kc, void *vc, int64
     if (sl_attend(qkv, width, M, L->heads, L->kv_heads, hd, S, kc, cb, ch, cs, vc, cb, ch, cs, mask,
                   mstride, 1.f / sqrtf((float)hd), kv_half, att))
         return -1;
+    if (L->gate_w != NULL) /* each head's output · σ(w_j · h[:gate_width]) (AttentionGate) */
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < L->heads; j++) {
+                const float *w = L->gate_w + j * L->gate_width, *r = h + m * D;
+                float s = 0.f, *o = att + m * qd + j * hd;
+                for (int64_t d = 0; d < L->gate_width; d++) s += w[d] * r[d];
+                float e = exp_nonpositive(-fabsf(s)), g = s >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+                for (int64_t d = 0; d < hd; d++) o[d] *= g;
+            }
     if (run_linear(&L->out, att, M, x, x)) return -1;
     norm_rows(x, M, D, L->norm, L->n2_w, L->n2_b, eps, h);
     if (run_linear(&L->fc1, h, M, NULL, ff)) return -1;

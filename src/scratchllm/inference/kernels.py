@@ -154,6 +154,8 @@ class _Layer(ctypes.Structure):  # kernels.c's sl_layer_t
         ("eps", ctypes.c_double),
         *[(name, _Linear) for name in ("qkv", "out", "fc1", "fc2", "fc3")],
         *[(name, _I) for name in ("heads", "kv_heads", "head_dim", "act")],
+        ("gate_w", _P),
+        ("gate_width", _I),
     ]
 
 
@@ -265,7 +267,8 @@ class BoundLayer:
     `norm`: a key of `LAYER_NORMS`, both norms' (weight, bias) in `norms`; `qk_norm`: the RMSNorm
     weights of queries and keys per head (None: no QK-norm; (None, None): without weights);
     `activation`: a key of `LAYER_ACTIVATIONS`; `linears`: qkv, out, fc1, fc2 (and SwiGLU's fc3)
-    bound with `bind_w8a8`/`bind_f16` (the caller checks the rows they take)."""
+    bound with `bind_w8a8`/`bind_f16` (the caller checks the rows they take); `gate`: an
+    `AttentionGate`'s (heads, width) fp32 weight, or None."""
 
     def __init__(
         self,
@@ -277,14 +280,17 @@ class BoundLayer:
         heads: int,
         kv_heads: int,
         activation: str,
+        gate: Params = None,
     ) -> None:
         lib = _library()
         assert lib is not None, "kernels unavailable: check available() first"
-        params = (*norms, *(qk_norm or (None, None)))
+        params = (*norms, *(qk_norm or (None, None)), gate)
         for t in params:
             if t is not None and not (t.dtype == torch.float32 and t.is_contiguous()):
                 raise ValueError("norm parameters must be contiguous fp32")
         swiglu = activation == "swiglu"
+        if gate is not None and (gate.dim() != 2 or gate.shape[0] != heads):
+            raise ValueError(f"the attention gate must be ({heads}, width)")
         if len(linears) != (5 if swiglu else 4):
             raise ValueError(f"{activation} takes {5 if swiglu else 4} linears")
         qkv, out, fc1, fc2 = linears[:4]
@@ -299,12 +305,14 @@ class BoundLayer:
             or (swiglu and (fc2._k, fc2._n) != (dim, fc1._n))
         ):
             raise ValueError("the block's linear shapes do not chain")
+        if gate is not None and gate.shape[1] > dim:
+            raise ValueError(f"the attention gate reads at most {dim} inputs")
         self._fn = lib.sl_layer
         ptrs = [None if t is None else t.data_ptr() for t in params]
         structs = [b._struct for b in linears] + ([] if swiglu else [_Linear()])
         self._layer = _Layer(
-            LAYER_NORMS[norm], *ptrs, qk_norm is not None, eps, *structs, heads, kv_heads,
-            head_dim, LAYER_ACTIVATIONS[activation],
+            LAYER_NORMS[norm], *ptrs[:6], qk_norm is not None, eps, *structs, heads, kv_heads,
+            head_dim, LAYER_ACTIVATIONS[activation], ptrs[6], 0 if gate is None else gate.shape[1],
         )  # fmt: skip
         self._ref = ctypes.byref(self._layer)
         self._keep = (params, linears)  # the memory the pointers name
