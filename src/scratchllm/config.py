@@ -313,10 +313,11 @@ _QWEN3: dict[str, Any] = dict(
 # logits cost 17% of the training speed: Gutenberg, 4x128, 180 s, 1.818 bpb without, 1.846
 # with). Within noise and kept: zero-initialised output projections (each block starts as the
 # identity). On since 2026-12-07: the smear gate (Gutenberg, 4x128, 600 s: 1.6575 against
-# 1.6665 without; its ablation row has the bytes figure) and the attention gate (the same run
-# with the recipe's split Muon step at 0.05: 1.6427 against 1.6488 without; its row likewise). A tied head without a soft-cap is
-# risky: gpt-modern-micro diverged in 4 steps at lr 3e-3 in the presets' training check (a tied
-# head's logits start at the embedding's scale). No biases, no dropout.
+# 1.6665 without; its ablation row has the bytes figure) and the attention gate (the same runs
+# with the recipe's split Muon step at 0.05: 1.6427 and 1.6418 against 1.6488 and 1.6514
+# without; within noise in its bytes row). A tied head without a soft-cap is risky:
+# gpt-modern-micro diverged in 4 steps at lr 3e-3 in the presets' training check (a tied head's
+# logits start at the embedding's scale). No biases, no dropout.
 GPT_MODERN: dict[str, Any] = dict(
     pos_embedding="rope",
     norm="layernorm",

@@ -18,8 +18,9 @@ format.
 
 With fp16 or int8 weights on our kernels and no more rows than they take (fp32 activations),
 each block is instead one C call (`kernels.BoundLayer`: norm, qkv, QK-norm, RoPE, cache write,
-attention, the attention gate, projections with the residual adds, feed-forward): at batch 1 the module calls and
-small ops cost as much as a fast kernel's streaming of a layer's weights (docs/serving.md).
+attention, the attention gate, projections with the residual adds, feed-forward): at batch 1
+the module calls and small ops cost as much as a fast kernel's streaming of a layer's weights
+(docs/serving.md).
 """
 
 from __future__ import annotations

@@ -287,7 +287,7 @@ class BoundLayer:
         params = (*norms, *(qk_norm or (None, None)), gate)
         for t in params:
             if t is not None and not (t.dtype == torch.float32 and t.is_contiguous()):
-                raise ValueError("norm parameters must be contiguous fp32")
+                raise ValueError("norm and gate parameters must be contiguous fp32")
         swiglu = activation == "swiglu"
         if gate is not None and (gate.dim() != 2 or gate.shape[0] != heads):
             raise ValueError(f"the attention gate must be ({heads}, width)")
