@@ -308,11 +308,11 @@ class BoundLayer:
         if gate is not None and gate.shape[1] > dim:
             raise ValueError(f"the attention gate reads at most {dim} inputs")
         self._fn = lib.sl_layer
-        ptrs = [None if t is None else t.data_ptr() for t in params]
+        *norm_ptrs, gate_ptr = [None if t is None else t.data_ptr() for t in params]
         structs = [b._struct for b in linears] + ([] if swiglu else [_Linear()])
         self._layer = _Layer(
-            LAYER_NORMS[norm], *ptrs[:6], qk_norm is not None, eps, *structs, heads, kv_heads,
-            head_dim, LAYER_ACTIVATIONS[activation], ptrs[6], 0 if gate is None else gate.shape[1],
+            LAYER_NORMS[norm], *norm_ptrs, qk_norm is not None, eps, *structs, heads, kv_heads,
+            head_dim, LAYER_ACTIVATIONS[activation], gate_ptr, 0 if gate is None else gate.shape[1],
         )  # fmt: skip
         self._ref = ctypes.byref(self._layer)
         self._keep = (params, linears)  # the memory the pointers name

@@ -163,7 +163,7 @@ class AttentionGate(nn.Module):
     which the zero-initialised output projection does not notice.
 
     `weight` is (heads, width): a small matrix, so `split_for_muon` keeps it in AdamW's group
-    (as measured) rather than orthogonalising it.
+    (where the runs of docs/training.md trained it) rather than orthogonalising it.
     """
 
     def __init__(self, dim: int, n_heads: int, width: int = 12) -> None:
