@@ -50,19 +50,22 @@ def _ns_reference(m: np.ndarray, steps: int = 5) -> np.ndarray:
     return x.T if m.shape[0] > m.shape[1] else x
 
 
-def test_two_reference_steps_match_a_hand_computation():
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_two_reference_steps_match_a_hand_computation(wd):
     w0 = np.array([[0.5, -0.2], [0.1, 0.3], [-0.4, 0.7]])  # 3×2: tall, scale √(3/2)
     g1 = np.array([[0.3, -0.1], [0.2, 0.4], [-0.5, 0.1]])
     g2 = np.array([[-0.2, 0.6], [0.1, -0.3], [0.4, 0.2]])
     lr, beta = 0.1, 0.95
     p = torch.nn.Parameter(torch.tensor(w0, dtype=torch.float64))
-    opt = MuonAdamW([dict(params=[p], use_muon=True, lr=lr, momentum=beta)], torch.float64)
+    group = dict(params=[p], use_muon=True, lr=lr, momentum=beta, weight_decay=wd)
+    opt = MuonAdamW([group], torch.float64)
     w, m = w0.copy(), np.zeros_like(w0)
     for g in (g1, g2):
         p.grad = torch.tensor(g, dtype=torch.float64)
         opt.step()
         m = beta * m + (1 - beta) * g  # momentum
         u = (1 - beta) * g + beta * m  # Nesterov look-ahead
+        w = w * (1 - lr * wd)  # decoupled weight decay, before the step
         w = w - lr * np.sqrt(3 / 2) * _ns_reference(u)  # orthogonalise, scale by shape
         np.testing.assert_allclose(p.detach().numpy(), w, rtol=0, atol=1e-10)
     np.testing.assert_allclose(opt.state[p]["momentum_buffer"].numpy(), m, atol=1e-12)
