@@ -83,6 +83,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "no_attn_gate": ("no attention gate", {"attn_gate": False}, {}),
     "fused_qkv_muon": ("Muon steps the fused qkv weight whole", {}, {"muon_split_qkv": False}),
     "muon_lr_003": ("Muon rate 0.03 instead of 0.05", {}, {"muon_lr": 0.03}),
+    "no_muon_wd": ("no Muon weight decay (recipe 0.01)", {}, {"muon_weight_decay": 0.0}),
 }
 # Validation tokens each evaluation scores (the training split is scored on as many): all of
 # Tiny Shakespeare's 111k would make evaluation cost more than the training between two of them.
@@ -153,6 +154,7 @@ def _run(name: str, work: Path, val_tokens: int, **settings: Any) -> dict[str, A
                 "lr",
                 "muon_lr",
                 "muon_split_qkv",
+                "muon_weight_decay",
                 "embedding_lr",
                 "schedule",
                 "batch_size",

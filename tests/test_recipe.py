@@ -57,6 +57,7 @@ def test_the_recipe_sets_muon_wsd_and_writes_its_model(tmp_path, monkeypatch):
         opts, 257, CPU, explicit={"time_budget", "recipe", "out"}, measure=_fixed(20_000)
     )
     assert (new.optimizer, new.schedule, new.min_lr) == ("muon", "wsd", 0.0)
+    assert new.muon_weight_decay == recipe.MUON_WEIGHT_DECAY > 0
     assert new.dtype == "float32"
     assert new.embedding_lr is None  # bytes (257 ids): the table stays at the AdamW rate
     subword, _ = apply_recipe(

@@ -66,6 +66,11 @@ MAX_SLOWDOWN = 0.2  # a larger step may lose this share of the calibrated tokens
 # with the fused step, 1.6488 at 0.05 split, 1.6596 at 0.08 split; Tiny Shakespeare's ablation
 # rows: +0.016 bpb at 0.03, +0.018 with the fused step.
 MUON_LR = 0.05
+# Muon's decoupled weight decay (p <- p·(1 - lr·wd) before the step). Gutenberg, 4x128, 600 s,
+# Zen 4: 0.01 ended below the recipe without it in three same-seed pairs (1.6395/1.6427,
+# 1.6437/1.6459, 1.6469/1.6494: 0.002-0.003, a quarter of the noise threshold but every time);
+# 0.03 ended at 1.6489, 0.1 cost 0.03. The benchmark's `no_muon_wd` row measures it on bytes.
+MUON_WEIGHT_DECAY = 0.01
 # The head, norms, gates and a byte vocabulary's embedding, beside Muon. Gutenberg, 4x128, 600 s,
 # Zen 4: 0.004 ended at 1.6460, inside the 1.642-1.6494 of four runs of the recipe (two seeds).
 ADAMW_LR = 6e-3
@@ -328,6 +333,7 @@ def speedrun(
     adamw = settings.get("optimizer", opts.optimizer) == "adamw"
     put("muon_lr", MUON_LR)
     put("muon_split_qkv", True)
+    put("muon_weight_decay", MUON_WEIGHT_DECAY)
     put("lr", ADAMW_ONLY_LR if adamw else ADAMW_LR)
     if vocab_size > BYTE_VOCAB_LIMIT:  # bytes: every row is updated at almost every step
         put("embedding_lr", EMBEDDING_LR, "the token embedding's own AdamW rate")
