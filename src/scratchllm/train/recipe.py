@@ -4,8 +4,8 @@ A new user should not have to tune. The speedrun recipe takes the modern archite
 `gpt-modern-*` presets (`config.GPT_MODERN`: RoPE, QK-norm, zero-initialised projections, an
 untied head, the smear and attention gates, no logit soft-cap; GELU and LayerNorm, which beat
 ReLU² and parameter-free RMSNorm in the benchmark's ablation rows), Muon for the hidden matrices
-(query, key and value orthogonalised apart) with AdamW for the rest (the token embedding of a
-subword vocabulary at its own, much higher rate: `EMBEDDING_LR`), and a
+(query, key and value orthogonalised apart, a little weight decay) with AdamW for the rest (the
+token embedding of a subword vocabulary at its own, much higher rate: `EMBEDDING_LR`), and a
 warmup–stable–decay schedule that decays to zero over the end of the budget (modded-nanogpt,
 nanochat). What it decides per run is the model size: a short calibration
 (about a second per candidate) measures this machine's training tokens/s for each candidate
